@@ -1,0 +1,124 @@
+"""Every host subprocess goes through here: argv lists, explicit env, stdin closed, logged.
+
+``run()`` runs a command to completion and raises :class:`ProcessError` (with the
+command, exit code and stderr tail) on failure. ``spawn()`` starts a long-lived
+helper as a context manager that kills and reaps it on exit, so a failure half-way
+never leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import IO, Any
+
+from cocoon.errors import NotFound, ProcessError
+from cocoon.log import get_logger
+
+log = get_logger("cocoon")
+
+# The environment a helper gets unless the caller passes one: nothing inherited but PATH.
+BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
+
+
+def _env(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(BASE_ENV)
+    if env:
+        merged.update(env)
+    return merged
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    input: bytes | None = None,  # noqa: A002 - mirrors subprocess
+    timeout: float | None = 60.0,
+    check: bool = True,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` to completion, capturing output; raise ProcessError on failure if ``check``."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("run", command=" ".join(args))
+    try:
+        proc = subprocess.run(
+            args,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            env=_env(env),
+            timeout=timeout,
+            check=False,
+            cwd=cwd,
+        )
+    except FileNotFoundError as exc:
+        raise NotFound("command not found", command=args[0]) from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ProcessError("command timed out", command=" ".join(args), timeout=timeout) from exc
+    if check and proc.returncode != 0:
+        raise ProcessError(
+            "command failed",
+            command=" ".join(args),
+            exit_code=proc.returncode,
+            stderr=proc.stderr.decode(errors="replace").strip()[-400:],
+        )
+    return proc
+
+
+def terminate(proc: subprocess.Popen[Any], *, grace: float = 2.0) -> int:
+    """SIGTERM, wait ``grace`` seconds, then SIGKILL; always reaps. Returns the exit status."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@contextlib.contextmanager
+def spawn(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO[Any] | None = subprocess.DEVNULL,
+    stderr: int | IO[Any] | None = subprocess.DEVNULL,
+    pass_fds: Sequence[int] = (),
+    grace: float = 2.0,
+    new_session: bool = True,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a helper process owned by this context: it is terminated and reaped on exit."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("spawn", command=" ".join(args))
+    try:
+        proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=_env(env),
+            pass_fds=tuple(pass_fds),
+            start_new_session=new_session,
+        )
+    except FileNotFoundError as exc:
+        raise NotFound("command not found", command=args[0]) from exc
+    try:
+        yield proc
+    finally:
+        terminate(proc, grace=grace)
+
+
+def wait_for(predicate: Any, *, timeout: float, interval: float = 0.005, what: str = "condition") -> None:
+    """Poll ``predicate()`` until true; raise ProcessError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise ProcessError(f"timed out waiting for {what}", timeout=timeout)
+        time.sleep(interval)
