@@ -25,11 +25,25 @@ from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 SUBSYSTEMS = frozenset(
-    {"cli", "shim", "api", "hypervisor", "network", "storage", "devices", "agent", "protocol", "image",
-     "config", "check", "monitor", "bench"}
+    {
+        "cli",
+        "shim",
+        "api",
+        "hypervisor",
+        "network",
+        "storage",
+        "devices",
+        "agent",
+        "protocol",
+        "image",
+        "config",
+        "check",
+        "monitor",
+        "bench",
+    }
 )
 
-_bound: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("cocoon_log_bound", default={})
+_bound: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar("cocoon_log_bound", default=None)
 
 # Fields that logging.LogRecord has of its own; anything else passed in `extra` is ours.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {"message", "asctime"}
@@ -38,7 +52,7 @@ _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).k
 @contextlib.contextmanager
 def bind(**fields: Any) -> Iterator[None]:
     """Attach fields (sandbox=..., container=...) to every log line emitted in this context."""
-    merged = dict(_bound.get())
+    merged = dict(_bound.get() or {})
     merged.update({k: v for k, v in fields.items() if v is not None})
     token = _bound.set(merged)
     try:
@@ -95,7 +109,7 @@ class LogfmtFormatter(logging.Formatter):
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "bound"):
-            record.bound = dict(_bound.get())
+            record.bound = dict(_bound.get() or {})
         return True
 
 

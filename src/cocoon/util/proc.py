@@ -8,6 +8,7 @@ never leaves a process behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -36,7 +37,7 @@ def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
     env: Mapping[str, str] | None = None,
-    input: bytes | None = None,  # noqa: A002 - mirrors subprocess
+    input: bytes | None = None,
     timeout: float | None = 60.0,
     check: bool = True,
     cwd: str | os.PathLike[str] | None = None,
@@ -83,6 +84,60 @@ def terminate(proc: subprocess.Popen[Any], *, grace: float = 2.0) -> int:
     return proc.returncode
 
 
+def popen(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    env: Mapping[str, str] | None = None,
+    stdout: int | IO[Any] | None = subprocess.DEVNULL,
+    stderr: int | IO[Any] | None = subprocess.DEVNULL,
+    pass_fds: Sequence[int] = (),
+    new_session: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start a process the caller owns (it must :func:`terminate` it); prefer :func:`spawn`."""
+    args = [os.fspath(a) for a in argv]
+    log.debug("spawn", command=" ".join(args))
+    try:
+        return subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=_env(env),
+            pass_fds=tuple(pass_fds),
+            start_new_session=new_session,
+        )
+    except FileNotFoundError as exc:
+        raise NotFound("command not found", command=args[0]) from exc
+    except PermissionError as exc:
+        raise ProcessError("command not executable", command=args[0]) from exc
+
+
+async def wait_exit(proc: subprocess.Popen[Any], timeout: float | None = None) -> int | None:
+    """Wait without blocking the event loop (pidfd); the exit status, or None on timeout."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        return proc.wait()
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(pidfd, on_exit)
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except TimeoutError:
+        return proc.poll()
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    return proc.wait()
+
+
 @contextlib.contextmanager
 def spawn(
     argv: Sequence[str | os.PathLike[str]],
@@ -95,20 +150,7 @@ def spawn(
     new_session: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start a helper process owned by this context: it is terminated and reaped on exit."""
-    args = [os.fspath(a) for a in argv]
-    log.debug("spawn", command=" ".join(args))
-    try:
-        proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            env=_env(env),
-            pass_fds=tuple(pass_fds),
-            start_new_session=new_session,
-        )
-    except FileNotFoundError as exc:
-        raise NotFound("command not found", command=args[0]) from exc
+    proc = popen(argv, env=env, stdout=stdout, stderr=stderr, pass_fds=pass_fds, new_session=new_session)
     try:
         yield proc
     finally:

@@ -1,0 +1,331 @@
+"""The QEMU driver: microvm by default, kernel + initrd booted directly, QMP control.
+
+The guest agent channel is a ``virtserialport`` named ``cocoon.agent`` backed by a
+unix-socket chardev (or a vhost-vsock device where the host has one). The host
+connects to that socket as soon as QEMU is up, so the port is "host connected"
+before the guest opens it; QEMU's ``VSERPORT_CHANGE`` event then says the agent
+has opened its end. The console goes to ``console.log`` in the VM's workdir; lines
+that are JSON (the agent's structured logs) are re-emitted on the host log with
+``subsystem=agent`` and the sandbox id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from cocoon.errors import BootError, HypervisorError
+from cocoon.hypervisors.arch import arch_info, machine_info, tsc_khz
+from cocoon.hypervisors.base import AgentChannel, Capabilities, Hypervisor, VMSpec, VMState
+from cocoon.log import get_logger
+from cocoon.util import proc as procs
+
+log = get_logger("hypervisor")
+agent_log = get_logger("agent")
+
+AGENT_PORT_NAME = "cocoon.agent"
+AGENT_PORT_ID = "agentport"
+
+
+def kernel_cmdline(spec: VMSpec) -> str:
+    """The guest kernel command line: the architecture's defaults, then ours, then the spec's."""
+    info = arch_info()
+    params = [f"console={info.console}", *info.kernel_params]
+    if info.name == "x86_64" and (machine_info(info, spec.machine).bus == "mmio"):
+        khz = tsc_khz()
+        if khz:
+            params.append(f"tsc_early_khz={khz}")
+    params.append(f"cocoon.sandbox={spec.sandbox_id}")
+    params.append(f"cocoon.channel={spec.channel}")
+    if spec.channel == "vsock":
+        params.append(f"cocoon.vsock_port={spec.vsock_port}")
+    params.extend(spec.kernel_params)
+    return " ".join(params)
+
+
+def build_argv(spec: VMSpec) -> list[str]:
+    """The QEMU command line for ``spec`` (pure: unit-tested without QEMU)."""
+    info = arch_info()
+    machine = machine_info(info, spec.machine)
+    wd = spec.workdir
+    dev = "device" if machine.bus == "mmio" else "pci"
+    machine_opts = machine.qemu_machine
+    argv = [spec.binary or info.qemu_binary, "-name", f"cocoon-{spec.sandbox_id},debug-threads=on"]
+    if spec.shared_memory:
+        argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
+        machine_opts += ",memory-backend=mem"
+    argv += ["-M", machine_opts]
+    if spec.accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", info.kvm_cpu]
+    else:
+        argv += ["-accel", f"tcg,tb-size={spec.tcg_tb_size_mib}", "-cpu", info.tcg_cpu]
+    argv += [
+        "-m", f"{spec.memory_mib}M",
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-chardev", f"socket,id=qmp,path={wd / 'qmp.sock'},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=console,path={wd / 'console.log'}",
+        "-serial", "chardev:console",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", kernel_cmdline(spec),
+    ]  # fmt: skip
+    if machine.bus == "mmio":
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
+    if spec.channel == "vsock":
+        argv += ["-device", f"vhost-vsock-{dev},id=vsock0,guest-cid={spec.vsock_cid}"]
+    else:
+        argv += [
+            "-device", f"virtio-serial-{dev},id=vser0,max_ports=2",
+            "-chardev", f"socket,id=agent,path={wd / 'agent.sock'},server=on,wait=off",
+            "-device", f"virtserialport,chardev=agent,id={AGENT_PORT_ID},name={AGENT_PORT_NAME}",
+        ]  # fmt: skip
+    argv += list(spec.extra_args)
+    return argv
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
+
+
+class QemuVM(Hypervisor):
+    """A VM run by one qemu-system process."""
+
+    name = "qemu"
+
+    def __init__(self, spec: VMSpec) -> None:
+        super().__init__(spec)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._qmp: Any = None  # qemu.qmp.QMPClient, imported lazily
+        self._console_task: asyncio.Task[None] | None = None
+        self._console_offset = 0
+        self.started_at = 0.0
+        self.ready_at = 0.0
+
+    @classmethod
+    def capabilities(cls) -> Capabilities:
+        return Capabilities(
+            pause=True,
+            hotplug=True,
+            snapshot=True,
+            vsock=Path("/dev/vhost-vsock").exists(),
+            virtio_fs=Path("/usr/lib/qemu/virtiofsd").exists(),
+            block=True,
+        )
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def qmp_path(self) -> Path:
+        return self.spec.workdir / "qmp.sock"
+
+    @property
+    def console_path(self) -> Path:
+        return self.spec.workdir / "console.log"
+
+    @property
+    def qemu_log_path(self) -> Path:
+        return self.spec.workdir / "qemu.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def agent_channel(self) -> AgentChannel:
+        if self.spec.channel == "vsock":
+            return AgentChannel("vsock", cid=self.spec.vsock_cid, port=self.spec.vsock_port)
+        return AgentChannel("virtio-serial", path=str(self.spec.workdir / "agent.sock"))
+
+    def console_tail(self, lines: int = 30) -> str:
+        return _tail(self.console_path, lines)
+
+    def _boot_error(self, message: str, **context: Any) -> BootError:
+        qemu_err = _tail(self.qemu_log_path, 5)
+        return BootError(
+            message,
+            sandbox=self.spec.sandbox_id,
+            qemu_stderr=qemu_err or None,
+            console_tail=self.console_tail() or "(empty)",
+            **context,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._require(VMState.NEW, action="start")
+        self.state = VMState.STARTING
+        for path in (self.spec.kernel, self.spec.initrd):
+            if not Path(path).is_file():
+                raise HypervisorError("guest image file not found", path=str(path), sandbox=self.spec.sandbox_id)
+        self.spec.workdir.mkdir(parents=True, exist_ok=True)
+        argv = build_argv(self.spec)
+        self.started_at = time.monotonic()
+        with self.qemu_log_path.open("wb") as errlog:
+            self._proc = procs.popen(argv, stdout=errlog, stderr=errlog)
+        log.info("qemu started", sandbox=self.spec.sandbox_id, qemu_pid=self._proc.pid, accel=self.spec.accel)
+        self._console_task = asyncio.create_task(self._follow_console())
+        await self._connect_qmp()
+        if self.spec.channel == "virtio-serial":
+            await self._wait_agent_port()
+        self.ready_at = time.monotonic()
+        self.state = VMState.RUNNING
+
+    async def _connect_qmp(self) -> None:
+        from qemu.qmp import QMPClient  # lazy: only VM owners pay for it
+
+        assert self._proc is not None
+        deadline = time.monotonic() + 10.0
+        while not self.qmp_path.exists():
+            if self._proc.poll() is not None:
+                raise self._boot_error("qemu exited during start", exit_code=self._proc.returncode)
+            if time.monotonic() > deadline:
+                raise self._boot_error("qemu did not open its QMP socket", path=str(self.qmp_path))
+            await asyncio.sleep(0.002)
+        qmp = QMPClient(f"cocoon-{self.spec.sandbox_id}")
+        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
+        try:
+            await qmp.connect(str(self.qmp_path))
+        except Exception as exc:
+            raise self._boot_error(f"cannot connect to QMP: {exc}", path=str(self.qmp_path)) from exc
+        self._qmp = qmp
+
+    async def _wait_agent_port(self) -> None:
+        assert self._proc is not None and self._qmp is not None
+        timeout = self.spec.boot_timeout
+
+        async def port_opened() -> None:
+            with self._qmp.listener("VSERPORT_CHANGE") as listener:
+                async for event in listener:
+                    data = event.get("data", {})
+                    if data.get("id") == AGENT_PORT_ID and data.get("open"):
+                        return
+
+        opened = asyncio.create_task(port_opened())
+        exited = asyncio.create_task(procs.wait_exit(self._proc))
+        try:
+            done, _ = await asyncio.wait({opened, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (opened, exited):
+                task.cancel()
+            await asyncio.gather(opened, exited, return_exceptions=True)
+        if opened in done:
+            return
+        await self._drain_console()
+        if exited in done:
+            raise self._boot_error("qemu exited before the agent came up", exit_code=self._proc.returncode)
+        raise self._boot_error("guest agent did not open its channel in time", timeout=timeout)
+
+    async def stop(self, *, timeout: float = 5.0) -> int | None:
+        proc = self._proc
+        if self.state == VMState.STOPPED or proc is None:
+            self.state = VMState.STOPPED
+            self._cleanup_sockets()
+            return None
+        status: int | None = None
+        if timeout > 0:
+            status = await procs.wait_exit(proc, timeout)
+        if status is None and self._qmp is not None and proc.poll() is None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._qmp.execute("quit"), 1.0)
+            status = await procs.wait_exit(proc, 1.0)
+        if status is None:
+            status = procs.terminate(proc, grace=0.5)
+        if self._qmp is not None:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+            self._qmp = None
+        if self._console_task is not None:
+            self._console_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._console_task
+            self._console_task = None
+        await self._drain_console()
+        self.state = VMState.STOPPED
+        self._cleanup_sockets()
+        log.info("qemu stopped", sandbox=self.spec.sandbox_id, exit_code=status)
+        return status
+
+    def _cleanup_sockets(self) -> None:
+        for name in ("qmp.sock", "agent.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.spec.workdir / name).unlink()
+
+    async def pause(self) -> None:
+        self._require(VMState.RUNNING, action="pause")
+        await self.qmp("stop")
+        self.state = VMState.PAUSED
+
+    async def resume(self) -> None:
+        self._require(VMState.PAUSED, action="resume")
+        await self.qmp("cont")
+        self.state = VMState.RUNNING
+
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command; errors become HypervisorError naming the command."""
+        if self._qmp is None:
+            raise HypervisorError("QMP is not connected", sandbox=self.spec.sandbox_id, command=command)
+        try:
+            return await self._qmp.execute(command, arguments)
+        except Exception as exc:
+            raise HypervisorError(f"qmp {command}: {exc}", sandbox=self.spec.sandbox_id) from exc
+
+    def exited(self) -> bool:
+        """True once the QEMU process is gone (guest powered off, crashed or was killed)."""
+        return self._proc is None or self._proc.poll() is not None
+
+    # -- console -------------------------------------------------------------------------------
+    async def _follow_console(self) -> None:
+        while True:
+            await self._drain_console()
+            await asyncio.sleep(0.1)
+
+    async def _drain_console(self) -> None:
+        try:
+            with self.console_path.open("rb") as f:
+                f.seek(self._console_offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        self._console_offset += end + 1
+        for raw in data[: end + 1].splitlines():
+            forward_console_line(raw.decode(errors="replace").rstrip("\r"), self.spec.sandbox_id)
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def forward_console_line(line: str, sandbox_id: str) -> None:
+    """Re-emit one guest console line on the host log: agent JSON as subsystem=agent."""
+    if not line.strip():
+        return
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "msg" in record:
+            level = _LEVELS.get(str(record.pop("level", "info")), logging.INFO)
+            msg = str(record.pop("msg"))
+            fields = {f"guest_{k}" if k in ("time", "pid") else k: v for k, v in record.items() if k != "subsystem"}
+            fields.setdefault("sandbox", sandbox_id)
+            agent_log.log(level, msg, **fields)
+            return
+    log.debug("guest console", sandbox=sandbox_id, line=line)
