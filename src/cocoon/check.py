@@ -39,7 +39,9 @@ def check_arch(cfg: Config) -> Result:
         info = arch_info()
     except HypervisorError as exc:
         return Result("architecture", Status.FAIL, str(exc), "run on x86_64 (other architectures: not yet)")
-    return Result("architecture", Status.OK, f"{host_arch_name()} (machine {cfg.hypervisor.qemu.machine or info.default_machine})")
+    return Result(
+        "architecture", Status.OK, f"{host_arch_name()} (machine {cfg.hypervisor.qemu.machine or info.default_machine})"
+    )
 
 
 def qemu_binary(cfg: Config) -> str | None:
@@ -108,7 +110,9 @@ def check_tun(cfg: Config) -> Result:
 
 def check_cgroups(cfg: Config) -> Result:
     mounts = Path("/proc/self/mounts").read_text() if Path("/proc/self/mounts").exists() else ""
-    v2_unified = any(line.split()[1] == "/sys/fs/cgroup" and line.split()[2] == "cgroup2" for line in mounts.splitlines())
+    v2_unified = any(
+        line.split()[1] == "/sys/fs/cgroup" and line.split()[2] == "cgroup2" for line in mounts.splitlines()
+    )
     v1 = any(line.split()[2] == "cgroup" for line in mounts.splitlines() if len(line.split()) > 2)
     kind = "v2 (unified)" if v2_unified else ("v1/hybrid" if v1 else "none mounted")
     return Result(

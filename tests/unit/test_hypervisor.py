@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import pytest
 
 from cocoon.errors import HypervisorError, NotFound, StateError
 from cocoon.hypervisors import arch
-from cocoon.hypervisors.accel import choose_accel, kvm_info, KvmInfo
+from cocoon.hypervisors.accel import KvmInfo, choose_accel, kvm_info
 from cocoon.hypervisors.base import Hypervisor, VMSpec, VMState, get_driver
 from cocoon.hypervisors.qemu import QemuVM, build_argv, forward_console_line, kernel_cmdline
 from cocoon.util import proc
@@ -55,9 +54,7 @@ def test_argv_microvm_tcg_virtio_serial(tmp_path):
 
 
 def test_argv_kvm_vsock_shared_memory_q35(tmp_path):
-    argv = build_argv(
-        _spec(tmp_path, accel="kvm", channel="vsock", vsock_cid=7, machine="q35", shared_memory=True)
-    )
+    argv = build_argv(_spec(tmp_path, accel="kvm", channel="vsock", vsock_cid=7, machine="q35", shared_memory=True))
     joined = " ".join(argv)
     assert "-accel kvm -cpu host" in joined
     assert "vhost-vsock-pci,id=vsock0,guest-cid=7" in joined

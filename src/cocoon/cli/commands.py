@@ -44,7 +44,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"{'':18}fix: {r.fix}")
     failed = [r for r in results if r.status == Status.FAIL]
     if not args.json:
-        print("\ncocoon can run on this host" if not failed else f"\ncocoon cannot run here: {len(failed)} check(s) failed")
+        print(
+            "\ncocoon can run on this host"
+            if not failed
+            else f"\ncocoon cannot run here: {len(failed)} check(s) failed"
+        )
     return 1 if failed else 0
 
 

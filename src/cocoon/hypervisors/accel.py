@@ -87,16 +87,25 @@ async def probe_kvm(spec: VMSpec, timeout: float) -> tuple[bool, str]:
     console.unlink(missing_ok=True)
     argv = build_argv(spec)
     started = time.monotonic()
-    with procs.spawn(argv, stdout=(spec.workdir / "qemu.log").open("wb"), stderr=None, grace=0.2) as proc:
+    qemu_log = spec.workdir / "qemu.log"
+    exit_code: int | None = None
+    with qemu_log.open("wb") as out, procs.spawn(argv, stdout=out, stderr=out, grace=0.2) as proc:
         while time.monotonic() - started < timeout:
             if console.exists() and BARE_MARKER in console.read_bytes():
                 return True, f"guest booted under KVM in {time.monotonic() - started:.2f}s"
-            if proc.poll() is not None:
+            exit_code = proc.poll()
+            if exit_code is not None:
                 break
             await asyncio.sleep(0.02)
     tail = console.read_bytes()[-300:].decode(errors="replace") if console.exists() else ""
-    qemu_err = (spec.workdir / "qemu.log").read_bytes()[-300:].decode(errors="replace")
-    why = "KVM internal error" if "KVM internal error" in qemu_err else f"no marker within {timeout:.0f}s"
+    qemu_err = qemu_log.read_bytes()[-300:].decode(errors="replace").strip()
+    if "KVM internal error" in qemu_err:
+        why = "KVM internal error (guest kernel cannot run on this KVM)"
+    elif exit_code is not None:
+        last = qemu_err.splitlines()[-1] if qemu_err else ""
+        why = f"qemu exited with {exit_code} under KVM: {last}"[:200]
+    else:
+        why = f"no marker within {timeout:.0f}s"
     log.debug("kvm probe failed", console_tail=tail, qemu_stderr=qemu_err)
     return False, why
 

@@ -196,12 +196,18 @@ class QemuVM(Hypervisor):
             if time.monotonic() > deadline:
                 raise self._boot_error("qemu did not open its QMP socket", path=str(self.qmp_path))
             await asyncio.sleep(0.002)
-        qmp = QMPClient(f"cocoon-{self.spec.sandbox_id}")
-        logging.getLogger("qemu.qmp").setLevel(logging.WARNING)
-        try:
-            await qmp.connect(str(self.qmp_path))
-        except Exception as exc:
-            raise self._boot_error(f"cannot connect to QMP: {exc}", path=str(self.qmp_path)) from exc
+        # qemu.qmp logs every failed attempt at ERROR; the retries below are expected.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        while True:
+            qmp = QMPClient(f"cocoon-{self.spec.sandbox_id}")
+            try:
+                await qmp.connect(str(self.qmp_path))
+                break
+            except Exception as exc:
+                # The socket file exists from bind() a moment before QEMU listens on it.
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise self._boot_error(f"cannot connect to QMP: {exc}", path=str(self.qmp_path)) from exc
+                await asyncio.sleep(0.005)
         self._qmp = qmp
 
     async def _wait_agent_port(self) -> None:

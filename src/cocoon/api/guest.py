@@ -1,0 +1,191 @@
+"""A booted guest: the VM plus a connected, answering agent. Every sandbox stands on one.
+
+``GuestVM`` resolves the image and the accelerator, starts the hypervisor driver,
+connects the agent client and waits for its first answer; leaving the ``async with``
+block powers the guest off through the agent, then stops the VMM (killing it after
+the configured deadline) and removes its sockets. A failure anywhere in between
+unwinds whatever was already set up (an ``AsyncExitStack``), so nothing is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from cocoon.config import Config
+from cocoon.errors import AgentError, BootError, CocoonError
+from cocoon.hypervisors.base import Hypervisor, VMSpec
+from cocoon.log import bind, get_logger
+
+log = get_logger("api")
+
+
+@dataclass(frozen=True)
+class BootTimes:
+    """Seconds from launching the VMM to each milestone."""
+
+    channel_open: float
+    agent_ready: float
+
+
+def _channel_kind(cfg: Config) -> str:
+    if cfg.agent.channel != "auto":
+        return cfg.agent.channel
+    return "vsock" if Path("/dev/vhost-vsock").exists() else "virtio-serial"
+
+
+class GuestVM:
+    """One VM with our guest image and a live agent connection."""
+
+    def __init__(self, cfg: Config, sandbox_id: str, workdir: Path, *, memory_mib: int = 0, vcpus: int = 0) -> None:
+        self.cfg = cfg
+        self.sandbox_id = sandbox_id
+        self.workdir = workdir
+        self.memory_mib = memory_mib or cfg.hypervisor.qemu.memory_mib
+        self.vcpus = vcpus or cfg.hypervisor.qemu.vcpus
+        self.vm: Hypervisor | None = None
+        self.agent: Any = None  # cocoon.protocol.agent_client.AgentClient
+        self.accel = ""
+        self.accel_reason = ""
+        self.times: BootTimes | None = None
+        self._stack = AsyncExitStack()
+
+    async def _spec(self) -> VMSpec:
+        from cocoon.hypervisors.accel import choose_accel
+        from cocoon.hypervisors.arch import arch_info
+        from cocoon.image import find_image
+
+        q = self.cfg.hypervisor.qemu
+        image = find_image(self.cfg)
+        kernel = Path(q.kernel) if q.kernel else image.kernel_for(q.machine or arch_info().default_machine)
+        initrd = Path(q.initrd) if q.initrd else image.initrd
+        spec = VMSpec(
+            sandbox_id=self.sandbox_id,
+            workdir=self.workdir,
+            kernel=kernel,
+            initrd=initrd,
+            memory_mib=self.memory_mib,
+            vcpus=self.vcpus,
+            channel="vsock" if _channel_kind(self.cfg) == "vsock" else "virtio-serial",
+            vsock_port=self.cfg.agent.vsock_port,
+            kernel_params=tuple(q.kernel_params.split()),
+            machine=q.machine,
+            binary=q.path,
+            tcg_tb_size_mib=q.tcg_tb_size_mib,
+            boot_timeout=q.boot_timeout,
+        )
+        choice = await choose_accel(
+            q.accel,
+            spec,
+            cache_file=Path(self.cfg.image.cache_dir).parent / "accel.json",
+            probe_timeout=q.kvm_probe_timeout,
+        )
+        self.accel, self.accel_reason = choice.accel, choice.reason
+        if choice.accel == "tcg" and q.accel == "auto":
+            log.warning("using TCG (software emulation): " + choice.reason, sandbox=self.sandbox_id)
+        from dataclasses import replace
+
+        return replace(spec, accel=choice.accel)
+
+    async def start(self) -> None:
+        from cocoon.hypervisors.base import get_driver
+
+        with bind(sandbox=self.sandbox_id):
+            try:
+                spec = await self._spec()
+                vm = get_driver(self.cfg.hypervisor.driver)(spec)
+                self.vm = vm
+                self._stack.push_async_callback(self._stop_vm)
+                started = time.monotonic()
+                await vm.start()
+                opened = time.monotonic()
+                self.agent = await self._connect_agent(vm, started)
+                self._stack.push_async_callback(self.agent.close)
+                # The guest clock starts from the emulated RTC (seconds off, or a template's stale
+                # time after a restore): set it from the host.
+                await self.agent.set_guest_datetime()
+                ready = time.monotonic()
+                self.times = BootTimes(opened - started, ready - started)
+                log.info("guest ready", boot_seconds=round(ready - started, 3), accel=self.accel)
+            except BaseException:
+                await self._stack.aclose()
+                raise
+
+    async def _connect_agent(self, vm: Hypervisor, started: float) -> Any:
+        from cocoon.protocol.agent_client import AgentClient
+        from cocoon.protocol.ttrpc import Transport, UnixTransport, VsockTransport
+
+        channel = vm.agent_channel
+        transport: Transport = (
+            VsockTransport(channel.cid, channel.port) if channel.kind == "vsock" else UnixTransport(channel.path)
+        )
+        deadline = started + self.cfg.hypervisor.qemu.boot_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            agent = None
+            try:
+                agent = await AgentClient.connect(transport, timeout=self.cfg.agent.call_timeout)
+                await agent.check(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+                return agent
+            except CocoonError as exc:
+                last = exc
+                if agent is not None:
+                    with contextlib.suppress(Exception):
+                        await agent.close()
+                await asyncio.sleep(0.05)
+        raise BootError(
+            "guest agent did not answer",
+            sandbox=self.sandbox_id,
+            error=str(last) if last else None,
+            console_tail=vm.console_tail() or "(empty)",
+        )
+
+    async def _stop_vm(self) -> None:
+        if self.vm is not None:
+            await self.vm.stop(timeout=self.cfg.hypervisor.qemu.shutdown_timeout)
+
+    async def stop(self) -> None:
+        """Power the guest off through the agent, then make sure the VMM is gone."""
+        with bind(sandbox=self.sandbox_id):
+            if self.agent is not None:
+                try:
+                    await self.agent.destroy_sandbox(timeout=2.0)
+                except AgentError as exc:
+                    log.debug("agent did not power off the guest", error=str(exc))
+            await self._stack.aclose()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def demo_report(cfg: Config) -> dict[str, Any]:
+    """Boot one VM, ask its agent about the guest, stop it: the README's first command."""
+    import tempfile
+
+    root = Path(cfg.runtime.root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="demo-", dir=root) as tmp:
+        async with GuestVM(cfg, "demo", Path(tmp)) as guest:
+            details = await guest.agent.guest_details()
+            version = await guest.agent.version()
+            assert guest.times is not None
+            return {
+                "guest kernel": details.kernel_release,
+                "guest memory": f"{details.memory_total_bytes // (1 << 20)} MiB",
+                "guest cpus": details.cpu_count,
+                "agent version": version.agent_version,
+                "accelerator": f"{guest.accel} ({guest.accel_reason})",
+                "boot to agent": f"{guest.times.agent_ready:.2f} s",
+            }
