@@ -63,6 +63,15 @@ def test_argv_kvm_vsock_shared_memory_q35(tmp_path):
     assert "virtserialport" not in joined
 
 
+def test_argv_virtio_fs_share_implies_shared_memory(tmp_path):
+    from cocoon.hypervisors.base import SharedDir
+
+    argv = " ".join(build_argv(_spec(tmp_path, shared_dirs=(SharedDir("cocoon", tmp_path / "vfs.sock"),))))
+    assert "memory-backend-memfd,id=mem,size=256M,share=on" in argv
+    assert f"socket,id=vfs0,path={tmp_path}/vfs.sock" in argv
+    assert "vhost-user-fs-device,chardev=vfs0,tag=cocoon" in argv
+
+
 def test_kernel_cmdline_carries_sandbox_and_extra_params(tmp_path):
     line = kernel_cmdline(_spec(tmp_path, kernel_params=("rdinit=/sbin/bare-init",)))
     assert line.startswith("console=ttyS0 ")

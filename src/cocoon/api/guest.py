@@ -20,7 +20,7 @@ from typing import Any, Self
 
 from cocoon.config import Config
 from cocoon.errors import AgentError, BootError, CocoonError
-from cocoon.hypervisors.base import Hypervisor, VMSpec
+from cocoon.hypervisors.base import Hypervisor, SharedDir, VMSpec
 from cocoon.log import bind, get_logger
 
 log = get_logger("api")
@@ -43,12 +43,22 @@ def _channel_kind(cfg: Config) -> str:
 class GuestVM:
     """One VM with our guest image and a live agent connection."""
 
-    def __init__(self, cfg: Config, sandbox_id: str, workdir: Path, *, memory_mib: int = 0, vcpus: int = 0) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        sandbox_id: str,
+        workdir: Path,
+        *,
+        memory_mib: int = 0,
+        vcpus: int = 0,
+        shared_dirs: tuple[SharedDir, ...] = (),
+    ) -> None:
         self.cfg = cfg
         self.sandbox_id = sandbox_id
         self.workdir = workdir
         self.memory_mib = memory_mib or cfg.hypervisor.qemu.memory_mib
         self.vcpus = vcpus or cfg.hypervisor.qemu.vcpus
+        self.shared_dirs = shared_dirs
         self.vm: Hypervisor | None = None
         self.agent: Any = None  # cocoon.protocol.agent_client.AgentClient
         self.accel = ""
@@ -72,6 +82,7 @@ class GuestVM:
             initrd=initrd,
             memory_mib=self.memory_mib,
             vcpus=self.vcpus,
+            shared_dirs=self.shared_dirs,
             channel="vsock" if _channel_kind(self.cfg) == "vsock" else "virtio-serial",
             vsock_port=self.cfg.agent.vsock_port,
             kernel_params=tuple(q.kernel_params.split()),

@@ -98,3 +98,117 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"{key:18} {value}")
     sys.stdout.flush()
     return 0
+
+
+# -- runc-compatible commands ---------------------------------------------------------------------
+def cmd_create(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    container.create(_config(args), args.id, args.bundle, console_socket=args.console_socket, pid_file=args.pid_file)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    return container.run(
+        _config(args), args.id, args.bundle, console_socket=args.console_socket, pid_file=args.pid_file,
+        detach=args.detach,
+    )  # fmt: skip
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    container.start(_config(args), args.id)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    print(json.dumps(container.load(_config(args), args.id).to_oci_state(), indent=2))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    container.kill(_config(args), args.id, args.signal, all_processes=args.all)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    container.delete(_config(args), args.id, force=args.force)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cocoon.api.container import store_for
+    from cocoon.api.state import refresh_status
+
+    states = [refresh_status(s) for s in store_for(_config(args)).list()]
+    if args.quiet:
+        for s in states:
+            print(s.id)
+    elif args.format == "json":
+        print(json.dumps([s.to_list_entry() for s in states]))
+    else:
+        rows = [["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"]]
+        for s in states:
+            e = s.to_list_entry()
+            rows.append([e["id"], str(e["pid"]), e["status"], e["bundle"], e["created"], e["owner"]])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    pids = container.processes(_config(args), args.id)
+    if args.format == "json":
+        print(json.dumps(pids))
+    else:
+        print("PID   CMD")
+        for pid in pids:
+            print(f"{pid}   cocoon-monitor {args.id}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    container.pause(_config(args), args.id)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from cocoon.api import container
+
+    container.resume(_config(args), args.id)
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    import os
+
+    from cocoon.errors import AlreadyExists
+    from cocoon.oci.spec import default_spec
+
+    path = os.path.join(args.bundle, "config.json")
+    if os.path.exists(path):
+        raise AlreadyExists("File config.json exists. Remove it first", path=path)
+    with open(path, "w") as fh:
+        json.dump(default_spec(rootless=args.rootless), fh, indent=2)
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from cocoon.oci.spec import features
+
+    print(json.dumps(features(), indent=2))
+    return 0

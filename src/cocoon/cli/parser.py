@@ -38,6 +38,49 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even when the cache is current")
     b.add_argument("--json", action="store_true", help="machine-readable output")
 
+    _runc_commands(sub)
+
     d = sub.add_parser("demo", help="boot a VM and print what its guest agent reports")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     return p
+
+
+def _runc_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """runc's commands, same names, flags and output formats."""
+    for name, helptext in (("create", "create a container (boots its VM)"), ("run", "create and start a container")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--bundle", "-b", default=".", help="path to the OCI bundle")
+        c.add_argument("--console-socket", default=None, help="unix socket that receives the pty master")
+        c.add_argument("--pid-file", default=None, help="write the container's host PID here")
+        c.add_argument("--no-pivot", action="store_true", help="accepted (the VM has its own root)")
+        c.add_argument("--no-new-keyring", action="store_true", help="accepted (the VM has its own keyrings)")
+        c.add_argument("--preserve-fds", type=int, default=0, help="accepted; extra fds are not passed into the VM")
+        if name == "run":
+            c.add_argument("--detach", "-d", action="store_true", help="do not wait for the container")
+            c.add_argument("--keep", action="store_true", help="do not delete the container when it exits")
+        c.add_argument("id")
+    st = sub.add_parser("start", help="start the user process of a created container")
+    st.add_argument("id")
+    s = sub.add_parser("state", help="print the OCI state of a container")
+    s.add_argument("id")
+    k = sub.add_parser("kill", help="send a signal to the container's init (or all its processes)")
+    k.add_argument("--all", "-a", action="store_true")
+    k.add_argument("id")
+    k.add_argument("signal", nargs="?", default="SIGTERM")
+    dl = sub.add_parser("delete", help="delete a stopped container (--force: any container)")
+    dl.add_argument("--force", "-f", action="store_true")
+    dl.add_argument("id")
+    ls = sub.add_parser("list", help="list containers")
+    ls.add_argument("--format", "-f", default="table", choices=["table", "json"])
+    ls.add_argument("--quiet", "-q", action="store_true")
+    ps = sub.add_parser("ps", help="list the host processes standing for a container")
+    ps.add_argument("--format", "-f", default="table", choices=["table", "json"])
+    ps.add_argument("id")
+    ps.add_argument("ps_args", nargs="*")
+    for name in ("pause", "resume"):
+        p = sub.add_parser(name, help=f"{name} every process of the container")
+        p.add_argument("id")
+    sp = sub.add_parser("spec", help="write a default config.json")
+    sp.add_argument("--bundle", "-b", default=".")
+    sp.add_argument("--rootless", action="store_true")
+    sub.add_parser("features", help="print what this runtime supports (JSON)")

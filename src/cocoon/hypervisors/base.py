@@ -50,6 +50,14 @@ class AgentChannel:
 
 
 @dataclass(frozen=True)
+class SharedDir:
+    """A host directory exported to the guest by a vhost-user-fs daemon (virtiofsd) on ``socket``."""
+
+    tag: str
+    socket: Path
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """What to boot. Drivers turn this into their own command line."""
 
@@ -69,6 +77,7 @@ class VMSpec:
     tcg_tb_size_mib: int = 32
     boot_timeout: float = 30.0  # seconds until the agent must open its channel
     shared_memory: bool = False  # memfd/shared RAM, needed by vhost-user devices (virtio-fs)
+    shared_dirs: tuple[SharedDir, ...] = ()  # virtio-fs shares (imply shared_memory)
     extra_args: tuple[str, ...] = field(default=())
 
 

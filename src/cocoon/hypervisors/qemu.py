@@ -58,7 +58,7 @@ def build_argv(spec: VMSpec) -> list[str]:
     dev = "device" if machine.bus == "mmio" else "pci"
     machine_opts = machine.qemu_machine
     argv = [spec.binary or info.qemu_binary, "-name", f"cocoon-{spec.sandbox_id},debug-threads=on"]
-    if spec.shared_memory:
+    if spec.shared_memory or spec.shared_dirs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
         machine_opts += ",memory-backend=mem"
     argv += ["-M", machine_opts]
@@ -87,6 +87,11 @@ def build_argv(spec: VMSpec) -> list[str]:
             "-device", f"virtio-serial-{dev},id=vser0,max_ports=2",
             "-chardev", f"socket,id=agent,path={wd / 'agent.sock'},server=on,wait=off",
             "-device", f"virtserialport,chardev=agent,id={AGENT_PORT_ID},name={AGENT_PORT_NAME}",
+        ]  # fmt: skip
+    for i, share in enumerate(spec.shared_dirs):
+        argv += [
+            "-chardev", f"socket,id=vfs{i},path={share.socket}",
+            "-device", f"vhost-user-fs-{dev},chardev=vfs{i},tag={share.tag},queue-size=1024",
         ]  # fmt: skip
     argv += list(spec.extra_args)
     return argv

@@ -1,0 +1,264 @@
+"""Container operations in CLI mode (what each runc-style command does).
+
+Every operation validates the id first, takes the container's lock when it changes
+anything, and talks to the container's monitor (see :mod:`cocoon.api.monitor`) over
+its control socket. Only ``create``/``run`` start a monitor; ``state`` and ``list``
+read state files and nothing else (no protobuf, no QEMU imports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal as signals
+from typing import Any
+
+from cocoon.api.ids import validate_id
+from cocoon.api.state import ContainerState, StateStore, Status, refresh_status
+from cocoon.config import Config
+from cocoon.errors import CocoonError, InvalidArgument, NotFound, StateError
+from cocoon.log import get_logger
+
+log = get_logger("api")
+
+
+def store_for(cfg: Config) -> StateStore:
+    return StateStore(cfg.runtime.root)
+
+
+def load(cfg: Config, container_id: str) -> ContainerState:
+    """The container's state, with ``stopped`` reported when its monitor is gone."""
+    validate_id(container_id)
+    return refresh_status(store_for(cfg).load(container_id))
+
+
+def parse_signal(value: str) -> int:
+    """``9``, ``KILL`` or ``SIGKILL`` -> 9; a clear error otherwise."""
+    text = value.strip().upper()
+    if text.isdigit():
+        num = int(text)
+        if 0 < num < 65:
+            return num
+    else:
+        name = text if text.startswith("SIG") else "SIG" + text
+        with contextlib.suppress(AttributeError):
+            return int(getattr(signals.Signals, name))
+    raise InvalidArgument(f"invalid signal {value!r}", field="signal")
+
+
+# -- create ---------------------------------------------------------------------------------------
+def create(cfg: Config, container_id: str, bundle: str, *, console_socket: str | None = None,
+           pid_file: str | None = None) -> int:  # fmt: skip
+    """Boot the sandbox VM and create the container in it; returns the monitor's PID."""
+    from cocoon.oci import spec as oci
+
+    validate_id(container_id)
+    spec = oci.load(bundle)
+    if spec.process is None:
+        raise InvalidArgument("config.json has no process", field="process", file=str(spec.path))
+    if spec.process.terminal and not console_socket and not os.isatty(0):
+        raise InvalidArgument("process.terminal is true but --console-socket was not given", field="process.terminal")
+    store = store_for(cfg)
+    state = ContainerState.new(
+        container_id, str(spec.bundle), rootfs=str(spec.root.path), annotations=dict(spec.annotations),
+        config_sha=spec.sha256, oci_version=spec.oci_version,
+    )  # fmt: skip
+    store.create(state)  # AlreadyExists: the existing container is left untouched
+    try:
+        pid = _fork_monitor(cfg, store, state, spec, console_socket)
+        if pid_file:
+            _write_pid_file(pid_file, pid)
+    except BaseException:
+        with contextlib.suppress(CocoonError):
+            store.delete(container_id)
+        raise
+    return pid
+
+
+def _fork_monitor(cfg: Config, store: StateStore, state: ContainerState, spec: Any, console_socket: str | None) -> int:
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the monitor
+        os.close(read_fd)
+        code = 1
+        try:
+            os.setsid()
+            import asyncio
+
+            from cocoon.api.monitor import run_monitor
+
+            code = asyncio.run(run_monitor(cfg, store, state, spec, console_socket=console_socket, ready_fd=write_fd))
+        except BaseException as exc:  # the parent already got the error through the pipe
+            with contextlib.suppress(Exception):
+                log.error("monitor failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            for handler in list(__import__("logging").getLogger("cocoon").handlers):
+                with contextlib.suppress(Exception):
+                    handler.flush()
+            os._exit(code)
+    os.close(write_fd)
+    chunks = []
+    while chunk := os.read(read_fd, 65536):
+        chunks.append(chunk)
+    os.close(read_fd)
+    try:
+        report = json.loads(b"".join(chunks) or b"{}")
+    except ValueError:
+        report = {}
+    if report.get("ok"):
+        return pid
+    os.waitpid(pid, 0)  # it has cleaned up and exits; do not leave a zombie
+    raise _rebuild_error(report)
+
+
+def _rebuild_error(report: dict[str, Any]) -> CocoonError:
+    from cocoon import errors
+
+    cls = getattr(errors, str(report.get("type", "")), None)
+    if not (isinstance(cls, type) and issubclass(cls, CocoonError)):
+        cls = CocoonError
+    message = str(report.get("message") or "sandbox monitor died during create")
+    return cls(message, **dict(report.get("context") or {}))
+
+
+def _write_pid_file(path: str, pid: int) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(str(pid))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# -- talking to the monitor -------------------------------------------------------------------
+async def _client(state: ContainerState) -> Any:
+    from cocoon.protocol.agent_client import AgentClient
+    from cocoon.protocol.ttrpc import UnixTransport
+
+    if not state.monitor_socket:
+        raise StateError("container has no monitor", id=state.id, state=str(state.status))
+    return await AgentClient.connect(UnixTransport(state.monitor_socket))
+
+
+def _call(state: ContainerState, method: str, *args: Any, **kwargs: Any) -> Any:
+    import asyncio
+
+    async def go() -> Any:
+        client = await _client(state)
+        try:
+            return await getattr(client, method)(*args, **kwargs)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+# -- simple commands --------------------------------------------------------------------------
+def start(cfg: Config, container_id: str) -> None:
+    store = store_for(cfg)
+    with store.lock(validate_id(container_id)):
+        state = load(cfg, container_id)
+        state.status.require("start", id=container_id)
+        _call(state, "start_container", container_id)
+
+
+def kill(cfg: Config, container_id: str, sig: str = "SIGTERM", *, all_processes: bool = False) -> None:
+    number = parse_signal(sig)
+    state = load(cfg, container_id)
+    state.status.require("kill", id=container_id)
+    _call(state, "signal_process", container_id, "", number, all_processes=all_processes)
+
+
+def pause(cfg: Config, container_id: str) -> None:
+    store = store_for(cfg)
+    with store.lock(validate_id(container_id)):
+        state = load(cfg, container_id)
+        state.status.require("pause", id=container_id)
+        _call(state, "pause_container", container_id)
+
+
+def resume(cfg: Config, container_id: str) -> None:
+    store = store_for(cfg)
+    with store.lock(validate_id(container_id)):
+        state = load(cfg, container_id)
+        state.status.require("resume", id=container_id)
+        _call(state, "resume_container", container_id)
+
+
+def processes(cfg: Config, container_id: str) -> list[int]:
+    """Host-visible PIDs of the container: the monitor stands for every guest process."""
+    state = load(cfg, container_id)
+    if state.status == Status.STOPPED:
+        return []
+    return [state.pid]
+
+
+def delete(cfg: Config, container_id: str, *, force: bool = False) -> None:
+    """Remove a stopped container (or, with ``force``, kill and remove a live one)."""
+    from cocoon.api import hooks
+    from cocoon.oci import spec as oci
+    from cocoon.storage.shared import unmount_all_below
+
+    store = store_for(cfg)
+    validate_id(container_id)
+    try:
+        with store.lock(container_id):
+            state = load(cfg, container_id)
+            if state.status != Status.STOPPED and not state.status.can_delete() and not force:
+                raise StateError(
+                    f"cannot delete container {container_id} that is not stopped: {state.status}",
+                    id=container_id, state=str(state.status), required="stopped",
+                )  # fmt: skip
+            if state.status != Status.STOPPED:
+                with contextlib.suppress(CocoonError):
+                    _call(state, "destroy_sandbox")
+                _wait_gone(state, 10.0)
+            with contextlib.suppress(CocoonError, OSError):
+                spec = oci.load(state.bundle, require_process=False)
+                hooks.run_hooks("poststop", spec.hooks.poststop, {**state.to_oci_state(), "status": "stopped"},
+                                fatal=False)  # fmt: skip
+            # A monitor that was SIGKILLed could not undo its bind mounts: do it here.
+            unmount_all_below(store.dir(container_id))
+            store.delete(container_id)
+    except NotFound:
+        if force:
+            return
+        raise
+
+
+def _wait_gone(state: ContainerState, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if refresh_status(state.replace(status=Status.RUNNING)).status == Status.STOPPED:
+            return
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(state.pid, signals.SIGKILL)
+
+
+def run(cfg: Config, container_id: str, bundle: str, *, console_socket: str | None = None,
+        pid_file: str | None = None, detach: bool = False) -> int:  # fmt: skip
+    """create + start; in the foreground, wait and return the container's exit status."""
+    pid = create(cfg, container_id, bundle, console_socket=console_socket, pid_file=pid_file)
+    try:
+        start(cfg, container_id)
+    except BaseException:
+        with contextlib.suppress(CocoonError):
+            delete(cfg, container_id, force=True)
+        raise
+    if detach:
+        return 0
+    forward = {sig: signals.signal(sig, lambda s, _f: os.kill(pid, s)) for sig in (signals.SIGINT, signals.SIGTERM)}
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for sig, old in forward.items():
+            signals.signal(sig, old)
+    code = os.waitstatus_to_exitcode(status)
+    code = 128 - code if code < 0 else code
+    with contextlib.suppress(CocoonError):
+        delete(cfg, container_id, force=True)
+    return code

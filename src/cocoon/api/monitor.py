@@ -1,0 +1,294 @@
+"""The sandbox monitor: the long-lived host process behind one container in CLI mode.
+
+``cocoon create`` forks it. It owns everything of the sandbox: the share's bind mounts,
+virtiofsd, the VM and the agent connection, the container's stdio and a control socket
+(``monitor.sock``) on which later commands (start, kill, exec, pause, ps, ...) speak the
+agent API; the monitor forwards each call to the guest and keeps ``state.json`` current.
+Its PID is what ``--pid-file`` receives: it holds the container's stdio, forwards the
+signals it gets to the container's init, and exits with the init's exit status (128+N
+for a death by signal N, as a shell reports it). When the container's init exits, the
+monitor powers the VM off and undoes everything before exiting, so a stopped container
+holds no resources; ``delete`` removes the state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from contextlib import AsyncExitStack, ExitStack
+from pathlib import Path
+from typing import Any
+
+from cocoon.api import hooks, stdio
+from cocoon.api.state import ContainerState, StateStore, Status, process_start_time, rfc3339_nano
+from cocoon.config import Config
+from cocoon.errors import AgentError, CocoonError
+from cocoon.log import bind, get_logger
+from cocoon.oci.model import Spec
+
+log = get_logger("monitor")
+
+AGENT_SERVICE = "cocoon.agent.v1.AgentService"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+VM_DIED_STATUS = 137
+
+
+def vm_size(cfg: Config, spec: Spec) -> tuple[int, int]:
+    """Guest memory (MiB) and vCPUs: the configured base plus the container's limits (as Kata does)."""
+    q = cfg.hypervisor.qemu
+    memory, vcpus = q.memory_mib, q.vcpus
+    res = spec.linux.resources if spec.linux else None
+    if res is not None:
+        if res.memory.limit and res.memory.limit > 0:
+            memory += -(-res.memory.limit // (1 << 20))
+        if res.cpu.quota and res.cpu.period and res.cpu.quota > 0:
+            vcpus = max(vcpus, min(os.cpu_count() or 1, -(-res.cpu.quota // res.cpu.period)))
+    return memory, vcpus
+
+
+class Monitor:
+    """One container's sandbox, from VM boot to teardown."""
+
+    def __init__(
+        self, cfg: Config, store: StateStore, state: ContainerState, spec: Spec, console_socket: str | None
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.state = state
+        self.spec = spec
+        self.console_socket = console_socket
+        self.cid = state.id
+        self.guest: Any = None
+        self.agent: Any = None
+        self.server: Any = None
+        self.console_fd: int | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept referenced
+        self._exit_status: asyncio.Future[int] | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    def _save(self, **changes: Any) -> None:
+        self.state = self.state.replace(**changes)
+        self.store.save(self.state)
+
+    def oci_state(self) -> dict[str, Any]:
+        return self.state.to_oci_state()
+
+    # -- setup -----------------------------------------------------------------------------------
+    async def setup(self, stack: AsyncExitStack, sync: ExitStack) -> None:
+        """Everything ``create`` must finish before it returns: VM, share, container, hooks."""
+        from cocoon.api.guest import GuestVM
+        from cocoon.storage import shared
+        from cocoon.storage.virtiofs import VirtioFsDaemon
+
+        state_dir = Path(self.store.dir(self.cid))
+        sock_dir = Path(self.store.socket_dir(self.cid))
+        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stack.callback(_rmdir_quiet, sock_dir)
+        plan = shared.plan(self.spec, self.cid, state_dir / "shared")
+        share_dir = sync.enter_context(shared.mounted(plan))
+        share = sync.enter_context(
+            VirtioFsDaemon(share_dir, sock_dir / "vfs.sock", binary=self.cfg.runtime.virtiofsd, tag=shared.SHARE_TAG)
+        )
+        memory, vcpus = vm_size(self.cfg, self.spec)
+        self.guest = GuestVM(self.cfg, self.cid, sock_dir, memory_mib=memory, vcpus=vcpus, shared_dirs=(share,))
+        await stack.enter_async_context(self.guest)
+        self.agent = self.guest.agent
+        await self.agent.create_sandbox(
+            hostname=self.spec.hostname or self.cid[:63],
+            storages=[{"driver": "virtio-fs", "source": shared.SHARE_TAG, "fstype": "virtiofs",
+                       "mount_point": shared.GUEST_SHARED}],
+        )  # fmt: skip
+        self._save(pid=os.getpid(), pid_start_time=process_start_time(os.getpid()) or 0)
+        hooks.run_hooks("prestart", self.spec.hooks.prestart, self.oci_state())
+        hooks.run_hooks("createRuntime", self.spec.hooks.create_runtime, self.oci_state())
+        await self.agent.create_container(self.cid, json.dumps(plan.guest_spec).encode())
+        hooks.run_hooks("createContainer", self.spec.hooks.create_container, self.oci_state())
+        await self._start_stdio()
+        await self._serve_control(sock_dir / "monitor.sock")
+        self._save(status=Status.CREATED, monitor_socket=str(sock_dir / "monitor.sock"), sandbox_id=self.cid)
+
+    async def _start_stdio(self) -> None:
+        proc = self.spec.process
+        terminal = bool(proc and proc.terminal)
+        if terminal and self.console_socket:
+            size = proc.console_size if proc else None
+            self.console_fd = stdio.open_console(self.console_socket, *(size.height, size.width) if size else (0, 0))
+            out_fd = in_fd = self.console_fd
+            asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, self._on_winch)
+        else:
+            in_fd, out_fd = 0, 1
+        self._pumps.append(asyncio.create_task(stdio.pump_output(self.agent, self.cid, "", out_fd)))
+        if not terminal:
+            self._pumps.append(asyncio.create_task(stdio.pump_output(self.agent, self.cid, "", 2, stderr=True)))
+        if stdio.stdin_is_null(in_fd):
+            if not terminal:
+                await self.agent.close_stdin(self.cid, "")
+        else:
+            # Input is not awaited at exit: it may never reach EOF.
+            self._spawn(stdio.pump_input(self.agent, self.cid, "", in_fd, close_at_eof=not terminal))
+
+    def _on_winch(self) -> None:
+        if self.console_fd is None:
+            return
+        rows, cols = stdio.window_size(self.console_fd)
+        self._spawn(self._resize(rows, cols))
+
+    async def _resize(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(AgentError):
+            await self.agent.tty_win_resize(self.cid, "", rows, cols)
+
+    # -- control socket --------------------------------------------------------------------------
+    async def _serve_control(self, path: Path) -> None:
+        from cocoon.protocol.gen.agent.v1 import agent_pb2
+        from cocoon.protocol.ttrpc import Server
+
+        server = Server()
+        service = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+        local = {
+            "StartContainer": self._start,
+            "PauseContainer": self._pause,
+            "ResumeContainer": self._resume,
+            "DestroySandbox": self._destroy,
+        }
+        from google.protobuf import message_factory
+
+        for method in service.methods:
+            req_cls = message_factory.GetMessageClass(method.input_type)
+            resp_cls = message_factory.GetMessageClass(method.output_type)
+            handler = local.get(method.name) or self._forwarder(method.name, resp_cls)
+            server.register(AGENT_SERVICE, method.name, req_cls, handler)
+        await server.serve_unix(str(path))
+        self.server = server
+
+    def _forwarder(self, method: str, resp_cls: Any) -> Any:
+        async def forward(request: Any, ctx: Any) -> Any:
+            return await self.agent.client.call(AGENT_SERVICE, method, request, resp_cls,
+                                                timeout=ctx.time_remaining())  # fmt: skip
+
+        return forward
+
+    async def _start(self, request: Any, ctx: Any) -> Any:
+        from google.protobuf import empty_pb2
+
+        self.state.status.require("start", id=self.cid)
+        await self.agent.start_container(self.cid)
+        self._save(status=Status.RUNNING, started_at=rfc3339_nano(time.time_ns()))
+        hooks.run_hooks("poststart", self.spec.hooks.poststart, self.oci_state(), fatal=False)
+        return empty_pb2.Empty()
+
+    async def _pause(self, request: Any, ctx: Any) -> Any:
+        from google.protobuf import empty_pb2
+
+        self.state.status.require("pause", id=self.cid)
+        await self.agent.pause_container(self.cid)
+        self._save(status=Status.PAUSED)
+        return empty_pb2.Empty()
+
+    async def _resume(self, request: Any, ctx: Any) -> Any:
+        from google.protobuf import empty_pb2
+
+        self.state.status.require("resume", id=self.cid)
+        await self.agent.resume_container(self.cid)
+        self._save(status=Status.RUNNING)
+        return empty_pb2.Empty()
+
+    async def _destroy(self, request: Any, ctx: Any) -> Any:
+        from google.protobuf import empty_pb2
+
+        log.info("destroy requested")
+        if self._exit_status is not None and not self._exit_status.done():
+            self._exit_status.set_result(VM_DIED_STATUS)
+        return empty_pb2.Empty()
+
+    # -- running ---------------------------------------------------------------------------------
+    async def wait(self) -> int:
+        """Until the container's init exits (or the VM dies, or delete --force): its status."""
+        loop = asyncio.get_running_loop()
+        self._exit_status = loop.create_future()
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, self._forward_signal, sig)
+        waiter = asyncio.create_task(self.agent.wait_process(self.cid, "", timeout=None))
+        waiter.add_done_callback(self._init_exited)
+        status = await self._exit_status
+        waiter.cancel()
+        if self._pumps:
+            # Everything written before the exit is still in the agent's buffers: drain it.
+            await asyncio.wait(self._pumps, timeout=5.0)
+        for task in self._pumps:
+            task.cancel()
+        return status
+
+    def _init_exited(self, task: asyncio.Task[int]) -> None:
+        if self._exit_status is None or self._exit_status.done() or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("lost the VM or its agent", error=str(exc))
+            self._exit_status.set_result(VM_DIED_STATUS)
+        else:
+            self._exit_status.set_result(int(task.result()))
+
+    def _forward_signal(self, sig: int) -> None:
+        async def send() -> None:
+            try:
+                await self.agent.signal_process(self.cid, "", int(sig))
+            except CocoonError as exc:
+                log.warning("cannot forward signal", signal=int(sig), error=str(exc))
+
+        self._spawn(send())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def teardown(self, status: int) -> None:
+        self._save(status=Status.STOPPED, exit_code=status, finished_at=rfc3339_nano(time.time_ns()))
+        if self.server is not None:
+            await self.server.close()
+
+
+def _rmdir_quiet(path: Path) -> None:
+    for child in path.glob("*.sock"):
+        with contextlib.suppress(OSError):
+            child.unlink()
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+async def run_monitor(
+    cfg: Config, store: StateStore, state: ContainerState, spec: Spec, *, console_socket: str | None, ready_fd: int
+) -> int:
+    """The monitor's whole life; reports setup success or failure on ``ready_fd``."""
+    monitor = Monitor(cfg, store, state, spec, console_socket)
+    with bind(container=state.id), ExitStack() as sync:
+        async with AsyncExitStack() as stack:
+            try:
+                await monitor.setup(stack, sync)
+            except BaseException as exc:
+                _report(ready_fd, exc)
+                raise
+            _report(ready_fd, None)
+            status = await monitor.wait()
+            log.info("container exited", exit_code=status)
+            await monitor.teardown(status)
+        return status
+
+
+def _report(fd: int, exc: BaseException | None) -> None:
+    payload: dict[str, Any]
+    if exc is None:
+        payload = {"ok": True}
+    elif isinstance(exc, CocoonError):
+        payload = {"ok": False, "type": type(exc).__name__, "message": exc.message,
+                   "context": {k: str(v) for k, v in exc.context.items()}}  # fmt: skip
+    else:
+        payload = {"ok": False, "type": "CocoonError", "message": f"{type(exc).__name__}: {exc}", "context": {}}
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(payload).encode())
+        os.close(fd)
