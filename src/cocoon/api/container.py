@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal as signals
+from collections.abc import Callable
 from typing import Any
 
 from cocoon.api.ids import validate_id
@@ -77,23 +79,37 @@ def create(cfg: Config, container_id: str, bundle: str, *, console_socket: str |
 
 
 def _fork_monitor(cfg: Config, store: StateStore, state: ContainerState, spec: Any, console_socket: str | None) -> int:
+    def monitor(report: Callable[[BaseException | None], None]) -> int:
+        import asyncio
+
+        from cocoon.api.monitor import run_monitor
+
+        return asyncio.run(run_monitor(cfg, store, state, spec, console_socket=console_socket, ready=report))
+
+    return _fork_with_report(monitor)
+
+
+def _fork_with_report(child: Callable[[Callable[[BaseException | None], None]], int]) -> int:
+    """Fork a long-lived host process (own session) and wait until it reports it is set up.
+
+    ``child(report)`` runs in the new process; it calls ``report(None)`` once ready (or
+    ``report(exc)``) and returns its exit status. The parent gets the child's PID, or the
+    child's error re-raised with its type and context, after the child cleaned up and exited.
+    """
     read_fd, write_fd = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the monitor
+    if pid == 0:
         os.close(read_fd)
         code = 1
         try:
             os.setsid()
-            import asyncio
-
-            from cocoon.api.monitor import run_monitor
-
-            code = asyncio.run(run_monitor(cfg, store, state, spec, console_socket=console_socket, ready_fd=write_fd))
-        except BaseException as exc:  # the parent already got the error through the pipe
+            code = child(lambda exc: _report(write_fd, exc))
+        except BaseException as exc:
+            _report(write_fd, exc)
             with contextlib.suppress(Exception):
-                log.error("monitor failed", error=f"{type(exc).__name__}: {exc}")
+                log.error("background process failed", error=f"{type(exc).__name__}: {exc}")
         finally:
-            for handler in list(__import__("logging").getLogger("cocoon").handlers):
+            for handler in logging.getLogger("cocoon").handlers:
                 with contextlib.suppress(Exception):
                     handler.flush()
             os._exit(code)
@@ -110,6 +126,21 @@ def _fork_monitor(cfg: Config, store: StateStore, state: ContainerState, spec: A
         return pid
     os.waitpid(pid, 0)  # it has cleaned up and exits; do not leave a zombie
     raise _rebuild_error(report)
+
+
+def _report(fd: int, exc: BaseException | None) -> None:
+    """Tell the parent how set-up went (once: later calls find the pipe closed)."""
+    payload: dict[str, Any]
+    if exc is None:
+        payload = {"ok": True}
+    elif isinstance(exc, CocoonError):
+        payload = {"ok": False, "type": type(exc).__name__, "message": exc.message,
+                   "context": {k: str(v) for k, v in exc.context.items()}}  # fmt: skip
+    else:
+        payload = {"ok": False, "type": "CocoonError", "message": f"{type(exc).__name__}: {exc}", "context": {}}
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(payload).encode())
+        os.close(fd)
 
 
 def _rebuild_error(report: dict[str, Any]) -> CocoonError:

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 from cocoon.api import hooks, stdio
 from cocoon.api.state import ContainerState, StateStore, Status, process_start_time, rfc3339_nano
 from cocoon.config import Config
-from cocoon.errors import AgentError, CocoonError
+from cocoon.errors import CocoonError
 from cocoon.log import bind, get_logger
 from cocoon.oci.model import Spec
 
@@ -65,8 +66,7 @@ class Monitor:
         self.guest: Any = None
         self.agent: Any = None
         self.server: Any = None
-        self.console_fd: int | None = None
-        self._pumps: list[asyncio.Task[None]] = []
+        self.io: stdio.ProcessIO | None = None
         self._background: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept referenced
         self._exit_status: asyncio.Future[int] | None = None
 
@@ -114,33 +114,14 @@ class Monitor:
 
     async def _start_stdio(self) -> None:
         proc = self.spec.process
-        terminal = bool(proc and proc.terminal)
-        if terminal and self.console_socket:
-            size = proc.console_size if proc else None
-            self.console_fd = stdio.open_console(self.console_socket, *(size.height, size.width) if size else (0, 0))
-            out_fd = in_fd = self.console_fd
-            asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, self._on_winch)
-        else:
-            in_fd, out_fd = 0, 1
-        self._pumps.append(asyncio.create_task(stdio.pump_output(self.agent, self.cid, "", out_fd)))
-        if not terminal:
-            self._pumps.append(asyncio.create_task(stdio.pump_output(self.agent, self.cid, "", 2, stderr=True)))
-        if stdio.stdin_is_null(in_fd):
-            if not terminal:
-                await self.agent.close_stdin(self.cid, "")
-        else:
-            # Input is not awaited at exit: it may never reach EOF.
-            self._spawn(stdio.pump_input(self.agent, self.cid, "", in_fd, close_at_eof=not terminal))
-
-    def _on_winch(self) -> None:
-        if self.console_fd is None:
-            return
-        rows, cols = stdio.window_size(self.console_fd)
-        self._spawn(self._resize(rows, cols))
-
-    async def _resize(self, rows: int, cols: int) -> None:
-        with contextlib.suppress(AgentError):
-            await self.agent.tty_win_resize(self.cid, "", rows, cols)
+        size = proc.console_size if proc else None
+        self.io = stdio.ProcessIO(self.agent, self.cid, "")
+        await self.io.start(
+            terminal=bool(proc and proc.terminal),
+            console_socket=self.console_socket,
+            rows=size.height if size else 0,
+            cols=size.width if size else 0,
+        )
 
     # -- control socket --------------------------------------------------------------------------
     async def _serve_control(self, path: Path) -> None:
@@ -216,11 +197,9 @@ class Monitor:
         waiter.add_done_callback(self._init_exited)
         status = await self._exit_status
         waiter.cancel()
-        if self._pumps:
+        if self.io is not None:
             # Everything written before the exit is still in the agent's buffers: drain it.
-            await asyncio.wait(self._pumps, timeout=5.0)
-        for task in self._pumps:
-            task.cancel()
+            await self.io.drain()
         return status
 
     def _init_exited(self, task: asyncio.Task[int]) -> None:
@@ -262,33 +241,25 @@ def _rmdir_quiet(path: Path) -> None:
 
 
 async def run_monitor(
-    cfg: Config, store: StateStore, state: ContainerState, spec: Spec, *, console_socket: str | None, ready_fd: int
+    cfg: Config,
+    store: StateStore,
+    state: ContainerState,
+    spec: Spec,
+    *,
+    console_socket: str | None,
+    ready: Callable[[BaseException | None], None],
 ) -> int:
-    """The monitor's whole life; reports setup success or failure on ``ready_fd``."""
+    """The monitor's whole life; reports set-up success or failure through ``ready``."""
     monitor = Monitor(cfg, store, state, spec, console_socket)
     with bind(container=state.id), ExitStack() as sync:
         async with AsyncExitStack() as stack:
             try:
                 await monitor.setup(stack, sync)
             except BaseException as exc:
-                _report(ready_fd, exc)
+                ready(exc)
                 raise
-            _report(ready_fd, None)
+            ready(None)
             status = await monitor.wait()
             log.info("container exited", exit_code=status)
             await monitor.teardown(status)
         return status
-
-
-def _report(fd: int, exc: BaseException | None) -> None:
-    payload: dict[str, Any]
-    if exc is None:
-        payload = {"ok": True}
-    elif isinstance(exc, CocoonError):
-        payload = {"ok": False, "type": type(exc).__name__, "message": exc.message,
-                   "context": {k: str(v) for k, v in exc.context.items()}}  # fmt: skip
-    else:
-        payload = {"ok": False, "type": "CocoonError", "message": f"{type(exc).__name__}: {exc}", "context": {}}
-    with contextlib.suppress(OSError):
-        os.write(fd, json.dumps(payload).encode())
-        os.close(fd)

@@ -134,3 +134,59 @@ def open_console(console_socket: str, rows: int = 0, cols: int = 0) -> int:
 def window_size(fd: int) -> tuple[int, int]:
     rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
     return rows, cols
+
+
+class ProcessIO:
+    """The host end of one guest process's stdio (init or exec), and its window size.
+
+    With a terminal and a console socket, a host pty's master goes to the client and the
+    slave is relayed to the guest pty; otherwise this process's own fds 0/1/2 are relayed.
+    """
+
+    def __init__(self, agent: Any, container_id: str, exec_id: str) -> None:
+        self.agent = agent
+        self.cid = container_id
+        self.eid = exec_id
+        self.console_fd: int | None = None
+        self.pumps: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def start(self, *, terminal: bool, console_socket: str | None, rows: int = 0, cols: int = 0) -> None:
+        if terminal and console_socket:
+            self.console_fd = open_console(console_socket, rows, cols)
+            in_fd = out_fd = self.console_fd
+            import signal
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, self._on_winch)
+        else:
+            in_fd, out_fd = 0, 1
+        self.pumps.append(asyncio.create_task(pump_output(self.agent, self.cid, self.eid, out_fd)))
+        if not terminal:
+            self.pumps.append(asyncio.create_task(pump_output(self.agent, self.cid, self.eid, 2, stderr=True)))
+        if stdin_is_null(in_fd):
+            if not terminal:
+                await self.agent.close_stdin(self.cid, self.eid)
+        else:
+            # Not awaited at exit: input may never reach EOF.
+            self._spawn(pump_input(self.agent, self.cid, self.eid, in_fd, close_at_eof=not terminal))
+
+    def _on_winch(self) -> None:
+        if self.console_fd is not None:
+            rows, cols = window_size(self.console_fd)
+            self._spawn(self._resize(rows, cols))
+
+    async def _resize(self, rows: int, cols: int) -> None:
+        with contextlib.suppress(AgentError):
+            await self.agent.tty_win_resize(self.cid, self.eid, rows, cols)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait for the output relays to reach EOF (everything the process wrote is delivered)."""
+        if self.pumps:
+            await asyncio.wait(self.pumps, timeout=timeout)
+        for task in self.pumps:
+            task.cancel()

@@ -212,3 +212,13 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     print(json.dumps(features(), indent=2))
     return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from cocoon.api.execution import exec_process
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return exec_process(
+        _config(args), args.id, detach=args.detach, pid_file=args.pid_file, console_socket=args.console_socket,
+        process_file=args.process, args=command, tty=args.tty, cwd=args.cwd, env=args.env, user=args.user,
+    )  # fmt: skip
