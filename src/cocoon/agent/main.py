@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if in_guest:
         from cocoon.agent import init
 
-        params = facts.cmdline_params(Path("/proc/cmdline").read_text()) if Path("/proc/cmdline").exists() else {}
+        init.setup()  # mounts /proc first: the command line is readable only after it
+        params = facts.cmdline_params(Path("/proc/cmdline").read_text())
         with log.bind(sandbox=params.get("cocoon.sandbox")):
-            init.setup()
             try:
                 asyncio.run(serve(args.listen, in_guest=True))
             except BaseException as exc:  # PID 1 must never just exit: say why, then power off

@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+import cocoon
 from cocoon.agent import kmod
 from cocoon.errors import ImageError
 from cocoon.image import Compression, Image, ImageOptions, build_image, cpio, find_image, prune
@@ -38,7 +40,10 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> ImageOptions:
         "kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n"
         "kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n"
         "kernel/fs/overlayfs/overlay.ko:\n")
-    return ImageOptions(kernel=kernel, modules_dir=mods, busybox=BUSYBOX, python=PYTHON, crun=None,
+    # A snapshot of the guest-side sources: the live tree may change while the tests run.
+    src = tmp_path / "src" / "cocoon"
+    shutil.copytree(Path(cocoon.__file__).parent, src, ignore=shutil.ignore_patterns("__pycache__"))
+    return ImageOptions(kernel=kernel, modules_dir=mods, busybox=BUSYBOX, python=PYTHON, crun=None, cocoon_src=src,
                         modules=("virtio_console", "overlay"), optional_modules=("9pnet_virtio",))
 
 

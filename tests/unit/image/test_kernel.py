@@ -7,6 +7,7 @@ import lzma
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,8 +60,8 @@ def test_pvh_entry() -> None:
 
 
 @pytest.mark.parametrize(("name", "compress"), [("gzip", lambda b: gzip.compress(b, mtime=0)),
-                                                ("xz", lambda b: lzma.compress(b))])
-def test_extract_stdlib_compressions(name: str, compress) -> None:  # type: ignore[no-untyped-def]
+                                                ("xz", lzma.compress)])
+def test_extract_stdlib_compressions(name: str, compress: Callable[[bytes], bytes]) -> None:
     elf = make_elf()
     bz = make_bzimage(compress(elf), len(elf))
     payload = kern.find_payload(bz)

@@ -1,0 +1,5 @@
+"""``python -m cocoon.image``: same as ``cocoon image build``."""
+
+from cocoon.image.cli import main
+
+raise SystemExit(main())
