@@ -133,11 +133,12 @@ def test_spec_and_features(tmp_path, root):
 
 def test_state_is_fast_and_imports_nothing_heavy(root, bundle):
     StateStore(str(root)).create(ContainerState.new("c1", str(bundle), status=Status.STOPPED))
+    heavy = ("google.protobuf", "qemu.qmp", "asyncio", "cocoon.hypervisors.qemu")
     code = (
-        "import sys; from cocoon.cli.main import main; main(['--root', %r, 'state', 'c1']);"
-        "heavy = [m for m in ('google.protobuf', 'qemu.qmp', 'asyncio', 'cocoon.hypervisors.qemu') if m in sys.modules];"
+        f"import sys; from cocoon.cli.main import main; main(['--root', {str(root)!r}, 'state', 'c1']);"
+        f"heavy = [m for m in {heavy!r} if m in sys.modules];"
         "print('HEAVY', heavy, file=sys.stderr)"
-    ) % str(root)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert "HEAVY []" in out.stderr, out.stderr
     assert os.path.exists(root / "c1")

@@ -75,7 +75,7 @@ def test_unknown_command_exits_nonzero():
 
 @pytest.mark.vm
 def test_demo_boots_a_vm_and_reports(cfg, tmp_path, no_leaks):
-    out = cocoon("--root", str(tmp_path), "demo", "--json", env={"COCOON_CONFIG": ""}, timeout=180)
+    out = cocoon("--root", str(tmp_path), "demo", "--vm-only", "--json", env={"COCOON_CONFIG": ""}, timeout=180)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["guest kernel"].endswith("amd64")

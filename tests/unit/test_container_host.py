@@ -28,8 +28,9 @@ def _bundle(tmp_path, **overrides):
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
     doc = oci.default_spec()
     doc["process"]["terminal"] = False
-    doc["mounts"].append({"destination": "/data", "type": "bind", "source": str(tmp_path / "vol"),
-                          "options": ["rbind", "ro"]})
+    doc["mounts"].append(
+        {"destination": "/data", "type": "bind", "source": str(tmp_path / "vol"), "options": ["rbind", "ro"]}
+    )
     doc["mounts"].append({"destination": "/etc/hosts", "type": "none", "source": "hosts", "options": ["bind"]})
     doc["mounts"].append({"destination": "/x", "type": "nfs", "source": "server:/x"})
     doc["hooks"] = {"poststop": [{"path": "/bin/true"}]}
@@ -111,7 +112,7 @@ def test_vm_size_adds_container_limits(tmp_path):
 def test_hooks_get_state_on_stdin_and_failures_are_clear(tmp_path):
     out = tmp_path / "seen"
     script = tmp_path / "hook.sh"
-    script.write_text(f"#!/bin/sh\ncat > {out}\necho >> {out}\necho \"$HOOKVAR\" >> {out}\n")
+    script.write_text(f'#!/bin/sh\ncat > {out}\necho >> {out}\necho "$HOOKVAR" >> {out}\n')
     script.chmod(0o755)
     hooks.run_hooks("poststart", [Hook(str(script), env=("HOOKVAR=yes",))], {"id": "c1", "status": "running"})
     text = out.read_text()
@@ -140,7 +141,7 @@ def test_console_socket_receives_a_pty_master(tmp_path):
     slave = stdio.open_console(path, 30, 100)
     try:
         conn, _ = listener.accept()
-        msg, ancdata, _, _ = conn.recvmsg(1024, socket.CMSG_SPACE(4))
+        _, ancdata, _, _ = conn.recvmsg(1024, socket.CMSG_SPACE(4))
         fds = array.array("i")
         fds.frombytes(ancdata[0][2])
         master = fds[0]

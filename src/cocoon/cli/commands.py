@@ -88,6 +88,10 @@ def cmd_image(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 
+    if not args.vm_only:
+        from cocoon.api.demo import run_demo
+
+        return run_demo(_config(args))
     from cocoon.api.guest import demo_report
 
     report = asyncio.run(demo_report(_config(args)))

@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _runc_commands(sub)
 
-    d = sub.add_parser("demo", help="boot a VM and print what its guest agent reports")
-    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d = sub.add_parser("demo", help="run a built-in busybox container in its own VM")
+    d.add_argument("--vm-only", action="store_true", help="only boot a VM and print what its agent reports")
+    d.add_argument("--json", action="store_true", help="machine-readable output (with --vm-only)")
     return p
 
 

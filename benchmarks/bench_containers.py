@@ -1,0 +1,112 @@
+"""create+start+wait+delete of a hello container, and `state`/`list` latency: cocoon vs its peers.
+
+Peers, run side by side in this one run on the same busybox bundle: runc, crun (cgroups disabled: host
+crun refuses this host's hybrid cgroup layout), runsc (gVisor, systrap) where installed, and a bare QEMU
+boot of our kernel + initrd to a marker (the floor for anything that boots a VM here).
+
+    .venv/bin/python benchmarks/bench_containers.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import median, table
+
+from cocoon import config
+from cocoon.api.bundle import make_bundle
+
+COCOON = [sys.executable, "-m", "cocoon.cli.main"]
+
+
+def timed(argv: list[str], **kw: object) -> float:
+    t = time.monotonic()
+    out = subprocess.run(argv, capture_output=True, timeout=300, check=False, **kw)  # type: ignore[call-overload]
+    if out.returncode != 0:
+        raise SystemExit(f"{argv[0]} failed ({out.returncode}): {out.stderr.decode()[-400:]}")
+    return time.monotonic() - t
+
+
+def lifecycle(runtime: list[str], root: Path, bundle: Path, cid: str) -> float:
+    """create + start + wait for exit + delete, as containerd would drive it (run = all of it)."""
+    return timed([*runtime, "--root", str(root), "run", "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL)
+
+
+def peers(tmp: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {"cocoon": COCOON}
+    if shutil.which("runc"):
+        found["runc"] = ["runc"]
+    if shutil.which("crun"):
+        found["crun"] = ["crun", "--cgroup-manager=disabled"]
+    if shutil.which("runsc"):
+        found["runsc"] = ["runsc", "--network=none", "--ignore-cgroups"]
+    return found
+
+
+def bare_qemu(runs: int) -> list[float]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_boot import bare_boot
+
+    from cocoon.api.guest import GuestVM
+
+    cfg = config.load()
+    guest = GuestVM(cfg, "bench-bare", Path(tempfile.mkdtemp()))
+    import asyncio
+
+    spec = asyncio.run(guest._spec())
+    return [bare_boot(dataclasses.replace(spec, workdir=Path(tempfile.mkdtemp()))) for _ in range(runs)]
+
+
+def latency(runtime: list[str], root: Path, args: list[str], n: int = 20) -> float:
+    return median([timed([*runtime, "--root", str(root), *args]) for _ in range(n)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    rows = []
+    lat_rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ctr-") as tmp_s:
+        tmp = Path(tmp_s)
+        bundle = make_bundle(tmp / "bundle", ["echo", "hello"])
+        results: dict[str, float] = {}
+        for name, argv in peers(tmp).items():
+            root = tmp / f"root-{name}"
+            try:
+                times = [lifecycle(argv, root, bundle, f"b{i}") for i in range(args.runs)]
+            except SystemExit as exc:
+                rows.append([name, "failed", str(exc)[:60]])
+                continue
+            results[name] = median(times)
+            # state/list latency on a root holding one (stopped or created) container
+            if name in ("cocoon", "runc"):
+                subprocess.run([*argv, "--root", str(root), "create", "--bundle", str(bundle), "lat"],
+                               capture_output=True, check=False, stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+                lat_rows.append([name, f"{latency(argv, root, ['state', 'lat']) * 1000:.1f}",
+                                 f"{latency(argv, root, ['list']) * 1000:.1f}"])  # fmt: skip
+                subprocess.run([*argv, "--root", str(root), "delete", "--force", "lat"], capture_output=True,
+                               check=False, timeout=120)  # fmt: skip
+        results["bare QEMU boot"] = median(bare_qemu(args.runs))
+    base = results.get("cocoon", 0.0)
+    for name, value in results.items():
+        rows.append([name, f"{value:.3f}", f"{base / value:.1f}x" if value else "-"])
+    print(table(f"hello container: run (create+start+wait+delete), median of {args.runs}",
+                ["runtime", "seconds", "cocoon / this"], rows))  # fmt: skip
+    print()
+    print(table("CLI latency, median of 20 (ms)", ["runtime", "state", "list"], lat_rows))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("COCOON_CONFIG", "")
+    main()

@@ -1,0 +1,142 @@
+"""Containers in VMs through the real `cocoon` CLI, the way runc clients drive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cocoon.api.bundle import make_bundle
+from cocoon.storage.shared import mounts_below
+
+pytestmark = pytest.mark.vm
+
+
+class Cli:
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self.env = env
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "cocoon.cli.main", "--root", str(self.root), *args]
+
+    def __call__(self, *args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env,
+                              check=False, **kw)  # fmt: skip
+
+    def state(self, cid: str) -> dict:
+        out = self("state", cid)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+
+@pytest.fixture
+def cli(cfg, tmp_path, no_leaks):
+    root = tmp_path / "root"
+    env = {**os.environ, "COCOON_CONFIG": ""}
+    c = Cli(root, env)
+    yield c
+    # Nothing of any container may survive its test: no state, no mount, no monitor.
+    if root.exists():
+        left = [p.name for p in root.iterdir() if not p.name.startswith("~")]
+        for cid in left:
+            c("delete", "--force", cid)
+        assert not left, f"leaked containers: {left}"
+        assert not mounts_below(root)
+
+
+def wait_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} still alive")
+
+
+def test_run_foreground_stdout_stderr_exit_code(cli, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "echo hello; echo oops >&2; uname -r; exit 3"])
+    out = cli("run", "--bundle", str(bundle), "c-run")
+    assert out.returncode == 3, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "hello" and lines[1].endswith("amd64")
+    assert "oops" in out.stderr
+    assert not (cli.root / "c-run").exists()  # run deletes the container when it exits
+
+
+def test_create_start_exec_pause_kill_delete(cli, tmp_path):
+    bundle = make_bundle(
+        tmp_path / "b", ["sh", "-c", "trap 'echo got-term; exit 42' TERM; while :; do sleep 0.1; done"]
+    )
+    pid_file = tmp_path / "init.pid"
+    log_file = tmp_path / "out.log"
+    with log_file.open("w") as out_fh:
+        argv = cli.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c1")
+        proc = subprocess.Popen(argv, stdout=out_fh, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli.env)
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    pid = int(pid_file.read_text())
+    st = cli.state("c1")
+    assert st["status"] == "created" and st["pid"] == pid and st["bundle"] == str(bundle)
+    assert cli("start", "c1").returncode == 0
+    assert cli.state("c1")["status"] == "running"
+    _err = cli("start", "c1")
+    assert _err.returncode == 1 and "running" in _err.stderr
+
+    ex = cli("exec", "c1", "sh", "-c", "echo in-guest $(hostname); exit 7")
+    assert ex.returncode == 7, ex.stderr
+    assert ex.stdout.strip() == "in-guest cocoon-demo"
+    exec_pid_file = tmp_path / "exec.pid"
+    d = cli("exec", "-d", "--pid-file", str(exec_pid_file), "c1", "sleep", "30")
+    assert d.returncode == 0, d.stderr
+    exec_pid = int(exec_pid_file.read_text())
+    os.kill(exec_pid, 0)
+
+    assert cli("pause", "c1").returncode == 0
+    assert cli.state("c1")["status"] == "paused"
+    assert cli("resume", "c1").returncode == 0
+    assert cli.state("c1")["status"] == "running"
+    listed = json.loads(cli("list", "-f", "json").stdout)
+    assert [e["id"] for e in listed] == ["c1"]
+    refused = cli("delete", "c1")
+    assert refused.returncode == 1 and "not stopped" in refused.stderr
+
+    assert cli("kill", "c1", "TERM").returncode == 0
+    wait_exit(pid, 30)
+    wait_exit(exec_pid, 30)
+    assert "got-term" in log_file.read_text()
+    assert cli.state("c1")["status"] == "stopped"
+    assert cli("delete", "c1").returncode == 0
+    assert not (cli.root / "c1").exists()
+
+
+def test_vm_killed_under_running_container(cli, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ["sleep", "600"])
+    pid_file = tmp_path / "init.pid"
+    assert cli("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-dead").returncode == 0
+    assert cli("start", "c-dead").returncode == 0
+    qemu = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
+            b"cocoon-c-dead" in (p / "cmdline").read_bytes()]  # fmt: skip
+    assert qemu
+    os.kill(qemu[0], signal.SIGKILL)
+    wait_exit(int(pid_file.read_text()), 30)
+    assert cli.state("c-dead")["status"] == "stopped"
+    assert cli("delete", "c-dead").returncode == 0
+
+
+def test_delete_force_of_running_container(cli, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ["sleep", "600"])
+    pid_file = tmp_path / "init.pid"
+    assert cli("run", "-d", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-force").returncode == 0
+    assert cli.state("c-force")["status"] == "running"
+    assert cli("delete", "--force", "c-force").returncode == 0
+    wait_exit(int(pid_file.read_text()), 30)
+    assert not (cli.root / "c-force").exists()
