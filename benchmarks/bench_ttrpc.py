@@ -137,10 +137,16 @@ async def bench(ttrpc_path: Path, echo_path: Path, calls: int, concurrency: int)
     for label, n in (("sequential, 1 in flight", 1), (f"{concurrency} in flight, 1 connection", concurrency)):
         ours, our_lat = await measure(ttrpc_call, calls, n)
         peer, peer_lat = await measure(echo_call, calls, n)
-        rows.append([
-            label, f"{ours:,.0f}", f"{peer:,.0f}", f"{ours / peer:.2f}",
-            f"{p(our_lat, 0.5):.0f} / {p(our_lat, 0.99):.0f}", f"{p(peer_lat, 0.5):.0f} / {p(peer_lat, 0.99):.0f}",
-        ])
+        rows.append(
+            [
+                label,
+                f"{ours:,.0f}",
+                f"{peer:,.0f}",
+                f"{ours / peer:.2f}",
+                f"{p(our_lat, 0.5):.0f} / {p(our_lat, 0.99):.0f}",
+                f"{p(peer_lat, 0.5):.0f} / {p(peer_lat, 0.99):.0f}",
+            ]
+        )
     await client.close()
     await echo.close()
     return rows
@@ -165,11 +171,13 @@ def main() -> int:
         ):
             proc.wait_for(lambda: ttrpc_path.exists() and echo_path.exists(), timeout=20, what="servers")
             rows = asyncio.run(bench(ttrpc_path, echo_path, args.calls, args.concurrency))
-    print(table(
-        f"ttrpc Health.Check over a unix socket, {args.calls} calls per row (latency in microseconds)",
-        ["workload", "ttrpc rt/s", "echo rt/s", "ratio", "ttrpc p50 / p99", "echo p50 / p99"],
-        rows,
-    ))
+    print(
+        table(
+            f"ttrpc Health.Check over a unix socket, {args.calls} calls per row (latency in microseconds)",
+            ["workload", "ttrpc rt/s", "echo rt/s", "ratio", "ttrpc p50 / p99", "echo p50 / p99"],
+            rows,
+        )
+    )
     return 0
 
 

@@ -164,12 +164,13 @@ class GuestVM:
     async def stop(self) -> None:
         """Power the guest off through the agent, then make sure the VMM is gone."""
         with bind(sandbox=self.sandbox_id):
-            if self.agent is not None:
-                try:
+            try:
+                if self.agent is not None:
                     await self.agent.destroy_sandbox(timeout=2.0)
-                except AgentError as exc:
-                    log.debug("agent did not power off the guest", error=str(exc))
-            await self._stack.aclose()
+            except AgentError as exc:
+                log.debug("agent did not power off the guest", error=str(exc))
+            finally:
+                await self._stack.aclose()  # whatever happened above, the VM goes
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -119,19 +119,22 @@ class AgentClient:
             raise errors.AgentError(f"agent {name}: {exc.message}", method=name, error=str(exc)) from exc
 
     async def create_sandbox(self, *, sandbox_id: str = "", hostname: str = "", dns: Sequence[str] = (),
-                             storages: Sequence[Storage] = (), timeout: float | None = None) -> None:
-        """AgentService.CreateSandbox: hostname, resolv.conf and sandbox-wide storages in the guest."""
+                             storages: Sequence[Storage | Mapping[str, Any]] = (),
+                             timeout: float | None = None) -> None:
+        """AgentService.CreateSandbox: hostname, resolv.conf and sandbox-wide storages in the guest.
+
+        A storage is a :class:`Storage` or a mapping of its fields.
+        """
         request = agent_pb2.CreateSandboxRequest(
-            sandbox_id=sandbox_id, hostname=hostname, dns=list(dns),
-            storages=[convert.storage_to_pb(s) for s in storages])
+            sandbox_id=sandbox_id, hostname=hostname, dns=list(dns), storages=[_storage_pb(s) for s in storages])
         await self._call_agent("CreateSandbox", request, empty_pb2.Empty, timeout)
 
     async def create_container(self, container_id: str, spec: Mapping[str, Any] | bytes, *,
-                               storages: Sequence[Storage] = (), timeout: float | None = None) -> None:
+                               storages: Sequence[Storage | Mapping[str, Any]] = (),
+                               timeout: float | None = None) -> None:
         """AgentService.CreateContainer: ``spec`` is the OCI config (guest paths) as a dict or JSON."""
         request = agent_pb2.CreateContainerRequest(
-            container_id=container_id, oci_spec_json=_json_bytes(spec),
-            storages=[convert.storage_to_pb(s) for s in storages])
+            container_id=container_id, oci_spec_json=_json_bytes(spec), storages=[_storage_pb(s) for s in storages])
         await self._call_agent("CreateContainer", request, empty_pb2.Empty, timeout)
 
     async def start_container(self, container_id: str, *, timeout: float | None = None) -> None:
@@ -239,3 +242,16 @@ class AgentClient:
 
 def _json_bytes(value: Mapping[str, Any] | bytes) -> bytes:
     return value if isinstance(value, bytes) else json.dumps(value).encode()
+
+
+def _storage_pb(storage: Storage | Mapping[str, Any]) -> Any:
+    if not isinstance(storage, Storage):
+        fields = dict(storage)
+        for key in ("options", "driver_options"):
+            if key in fields:
+                fields[key] = tuple(fields[key])
+        try:
+            storage = Storage(**fields)
+        except TypeError as exc:
+            raise errors.InvalidArgument(f"bad storage: {exc}", storage=repr(fields)) from exc
+    return convert.storage_to_pb(storage)
