@@ -10,27 +10,30 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _our_processes() -> set[int]:
-    """PIDs of qemu/virtiofsd processes that descend from this test run."""
+def _our_processes(marker: str = "") -> set[int]:
+    """PIDs of qemu/virtiofsd processes whose command line names ``marker`` (this run's temp dir)."""
     me = os.getpid()
     found: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "qemu-system" in cmd or "virtiofsd" in cmd:
+        cmd = argv[0].decode(errors="replace")
+        if ("qemu-system" in cmd or "virtiofsd" in cmd) and marker.encode() in b" ".join(argv):
             found.add(int(entry.name))
     found.discard(me)
     return found
 
 
 @pytest.fixture
-def no_leaks():
-    """Fails the test if it leaves a qemu or virtiofsd process behind."""
-    before = _our_processes()
+def no_leaks(tmp_path_factory):
+    """Fails the test if it leaves a qemu or virtiofsd process behind (only this run's are counted:
+    their sockets live under this run's temp dir)."""
+    marker = str(tmp_path_factory.getbasetemp())
+    before = _our_processes(marker)
     yield
-    left = _our_processes() - before
+    left = _our_processes(marker) - before
     assert not left, f"leaked VMM processes: {sorted(left)}"

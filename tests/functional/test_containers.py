@@ -30,6 +30,15 @@ class Cli:
         return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, env=self.env,
                               check=False, **kw)  # fmt: skip
 
+    def detached(self, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        """create / run -d / exec -d: the container keeps the stdio it was given (as with runc), so
+        give it files, not the pipes subprocess would wait on."""
+        out, err = tmp_path / f"{args[0]}.out", tmp_path / f"{args[0]}.err"
+        with out.open("w") as o, err.open("w") as e:
+            proc = subprocess.run(self.argv(*args), stdout=o, stderr=e, stdin=subprocess.DEVNULL, env=self.env,
+                                  timeout=120, check=False)  # fmt: skip
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), err.read_text())
+
     def state(self, cid: str) -> dict:
         out = self("state", cid)
         assert out.returncode == 0, out.stderr
@@ -78,11 +87,13 @@ def test_create_start_exec_pause_kill_delete(cli, tmp_path):
     )
     pid_file = tmp_path / "init.pid"
     log_file = tmp_path / "out.log"
-    with log_file.open("w") as out_fh:
+    err_file = tmp_path / "err.log"
+    # As with runc, the container (here: its monitor) keeps create's stdout/stderr: files, not pipes.
+    with log_file.open("w") as out_fh, err_file.open("w") as err_fh:
         argv = cli.argv("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c1")
-        proc = subprocess.Popen(argv, stdout=out_fh, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=cli.env)
-        _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+        proc = subprocess.run(argv, stdout=out_fh, stderr=err_fh, stdin=subprocess.DEVNULL, env=cli.env, timeout=120,
+                              check=False)  # fmt: skip
+    assert proc.returncode == 0, err_file.read_text()
     pid = int(pid_file.read_text())
     st = cli.state("c1")
     assert st["status"] == "created" and st["pid"] == pid and st["bundle"] == str(bundle)
@@ -95,7 +106,7 @@ def test_create_start_exec_pause_kill_delete(cli, tmp_path):
     assert ex.returncode == 7, ex.stderr
     assert ex.stdout.strip() == "in-guest cocoon-demo"
     exec_pid_file = tmp_path / "exec.pid"
-    d = cli("exec", "-d", "--pid-file", str(exec_pid_file), "c1", "sleep", "30")
+    d = cli.detached(tmp_path, "exec", "-d", "--pid-file", str(exec_pid_file), "c1", "sleep", "30")
     assert d.returncode == 0, d.stderr
     exec_pid = int(exec_pid_file.read_text())
     os.kill(exec_pid, 0)
@@ -121,7 +132,9 @@ def test_create_start_exec_pause_kill_delete(cli, tmp_path):
 def test_vm_killed_under_running_container(cli, tmp_path):
     bundle = make_bundle(tmp_path / "b", ["sleep", "600"])
     pid_file = tmp_path / "init.pid"
-    assert cli("create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-dead").returncode == 0
+    assert (
+        cli.detached(tmp_path, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-dead").returncode == 0
+    )
     assert cli("start", "c-dead").returncode == 0
     qemu = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
             b"cocoon-c-dead" in (p / "cmdline").read_bytes()]  # fmt: skip
@@ -135,7 +148,10 @@ def test_vm_killed_under_running_container(cli, tmp_path):
 def test_delete_force_of_running_container(cli, tmp_path):
     bundle = make_bundle(tmp_path / "b", ["sleep", "600"])
     pid_file = tmp_path / "init.pid"
-    assert cli("run", "-d", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-force").returncode == 0
+    assert (
+        cli.detached(tmp_path, "run", "-d", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-force").returncode
+        == 0
+    )
     assert cli.state("c-force")["status"] == "running"
     assert cli("delete", "--force", "c-force").returncode == 0
     wait_exit(int(pid_file.read_text()), 30)

@@ -166,7 +166,8 @@ class AgentService:
         return empty_pb2.Empty()
 
     async def SignalProcess(self, request: Any, ctx: ServerContext) -> Any:
-        await self.containers.signal(request.container_id, request.exec_id, request.signal)
+        await self.containers.signal(request.container_id, request.exec_id, request.signal,
+                                     all_processes=request.all)
         return empty_pb2.Empty()
 
     async def WaitProcess(self, request: Any, ctx: ServerContext) -> Any:

@@ -96,7 +96,7 @@ async def _stand_in(
 
         for sig in FORWARDED:
             loop.add_signal_handler(sig, forward, sig)
-        status = int(await agent.wait_process(state.id, exec_id, timeout=None))
+        status = int(await agent.wait_process(state.id, exec_id))  # no deadline
         await io.drain()
         return status
     finally:

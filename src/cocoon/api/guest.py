@@ -166,7 +166,8 @@ class GuestVM:
         with bind(sandbox=self.sandbox_id):
             try:
                 if self.agent is not None:
-                    await self.agent.destroy_sandbox(timeout=2.0)
+                    # Removing each container takes ~1 s under TCG; the VM is stopped regardless.
+                    await self.agent.destroy_sandbox(timeout=10.0)
             except AgentError as exc:
                 log.debug("agent did not power off the guest", error=str(exc))
             finally:

@@ -193,7 +193,7 @@ class Monitor:
         self._exit_status = loop.create_future()
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._forward_signal, sig)
-        waiter = asyncio.create_task(self.agent.wait_process(self.cid, "", timeout=None))
+        waiter = asyncio.create_task(self.agent.wait_process(self.cid, ""))  # no deadline
         waiter.add_done_callback(self._init_exited)
         status = await self._exit_status
         waiter.cancel()

@@ -221,7 +221,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_exec(args: argparse.Namespace) -> int:
     from cocoon.api.execution import exec_process
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.exec_args[1:] if args.exec_args[:1] == ["--"] else args.exec_args
     return exec_process(
         _config(args), args.id, detach=args.detach, pid_file=args.pid_file, console_socket=args.console_socket,
         process_file=args.process, args=command, tty=args.tty, cwd=args.cwd, env=args.env, user=args.user,

@@ -73,7 +73,7 @@ def _runc_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     ex.add_argument("--no-new-privs", action="store_true")
     ex.add_argument("--ignore-paused", action="store_true")
     ex.add_argument("id")
-    ex.add_argument("command", nargs=argparse.REMAINDER)
+    ex.add_argument("exec_args", nargs=argparse.REMAINDER, metavar="COMMAND")
     st = sub.add_parser("start", help="start the user process of a created container")
     st.add_argument("id")
     s = sub.add_parser("state", help="print the OCI state of a container")

@@ -135,13 +135,23 @@ async def choose_accel(
             return AccelChoice(cached["accel"], cached["reason"] + " (cached probe)", probed=False)
     except (OSError, ValueError, KeyError):
         pass
+    import shutil
+    import tempfile
+
+    # A short private dir: unix socket paths must stay under 108 bytes whatever the caller's workdir.
+    probe_dir = Path(tempfile.mkdtemp(prefix="cocoon-kvm-probe-"))
     probe_spec = replace(
         spec,
         accel="kvm",
-        workdir=spec.workdir / "kvm-probe",
+        workdir=probe_dir,
+        shared_dirs=(),  # the probe must not take a virtiofsd's one connection
+        shared_memory=False,
         kernel_params=(*spec.kernel_params, "rdinit=/sbin/bare-init"),
     )
-    ok, why = await probe_kvm(probe_spec, probe_timeout)
+    try:
+        ok, why = await probe_kvm(probe_spec, probe_timeout)
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
     choice = AccelChoice("kvm", why, True) if ok else AccelChoice("tcg", f"KVM probe failed: {why}", True)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

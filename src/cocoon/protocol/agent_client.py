@@ -179,10 +179,11 @@ class AgentClient:
                                                process_json=_json_bytes(process))
         await self._call_agent("ExecProcess", request, empty_pb2.Empty, timeout)
 
-    async def signal_process(self, container_id: str, exec_id: str, signal: int, *,
+    async def signal_process(self, container_id: str, exec_id: str, signal: int, *, all_processes: bool = False,
                              timeout: float | None = None) -> None:
-        """AgentService.SignalProcess: exec id "" is the container's init."""
-        request = agent_pb2.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=int(signal))
+        """AgentService.SignalProcess: exec id "" is the container's init (``all_processes``: every process)."""
+        request = agent_pb2.SignalProcessRequest(container_id=container_id, exec_id=exec_id, signal=int(signal),
+                                                 all=all_processes)
         await self._call_agent("SignalProcess", request, empty_pb2.Empty, timeout)
 
     async def wait_process(self, container_id: str, exec_id: str = "", *, timeout: float | None = NO_TIMEOUT) -> int:

@@ -273,14 +273,16 @@ class ExecProcessRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process_json: _Optional[bytes] = ...) -> None: ...
 
 class SignalProcessRequest(_message.Message):
-    __slots__ = ("container_id", "exec_id", "signal")
+    __slots__ = ("container_id", "exec_id", "signal", "all")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     exec_id: str
     signal: int
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ...) -> None: ...
+    all: bool
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
 
 class WaitProcessRequest(_message.Message):
     __slots__ = ("container_id", "exec_id")
