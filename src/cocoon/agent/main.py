@@ -37,6 +37,19 @@ async def serve(listen: str, in_guest: bool) -> None:
 
     server = AgentServer(in_guest=in_guest)
     loop = asyncio.get_running_loop()
+    if in_guest:
+        # Only the modules the agent channel needs were loaded before serving; the rest (virtio-fs,
+        # net, blk, overlay, vsock) load on a thread while the host already talks to us.
+        # (A plain thread: the executor's module is not in the guest's minimal stdlib.)
+        import threading
+
+        server.modules_ready.clear()
+
+        def load() -> None:
+            _load_late_modules()
+            loop.call_soon_threadsafe(server.modules_ready.set)
+
+        threading.Thread(target=load, name="modules", daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.request_shutdown)
     if listen.startswith("unix:"):
@@ -57,6 +70,15 @@ async def serve(listen: str, in_guest: bool) -> None:
     await server.serve_chardev(str(port))
 
 
+def _load_late_modules() -> None:
+    from cocoon.agent import init
+
+    try:
+        init.load_modules(early=False)
+    except Exception as exc:  # a module that fails is reported; what needs it fails clearly later
+        logger.error("loading modules failed", error=f"{type(exc).__name__}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     in_guest = os.getpid() == 1 and not args.listen
@@ -64,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if in_guest:
         from cocoon.agent import init
 
-        init.setup()  # mounts /proc first: the command line is readable only after it
+        init.setup(defer_modules=True)  # mounts /proc first: the command line is readable only after it
         params = facts.cmdline_params(Path("/proc/cmdline").read_text())
         with log.bind(sandbox=params.get("cocoon.sandbox")):
             try:

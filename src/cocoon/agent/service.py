@@ -114,6 +114,7 @@ class AgentService:
     # ---- sandbox and containers
 
     async def CreateSandbox(self, request: Any, ctx: ServerContext) -> Any:
+        await self.server.modules_ready.wait()  # storages need virtiofs/overlay
         if request.sandbox_pidns:
             log.warning("sandbox pid namespace not supported: each container has its own")
         if request.guest_hook_path:
@@ -127,6 +128,7 @@ class AgentService:
         return empty_pb2.Empty()
 
     async def CreateContainer(self, request: Any, ctx: ServerContext) -> Any:
+        await self.server.modules_ready.wait()
         devices = [_device(d) for d in request.devices]
         await self.containers.create(request.container_id, request.oci_spec_json,
                                      storages=[convert.storage_from_pb(s) for s in request.storages],
@@ -233,6 +235,9 @@ class AgentServer:
         self.server.register_service(agent_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
         self.server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(self))
         self._stop = asyncio.Event()
+        #: Set once every kernel module is loaded (the guest loads the late ones while serving).
+        self.modules_ready = asyncio.Event()
+        self.modules_ready.set()
         self._destroying: asyncio.Task[None] | None = None
 
     def request_shutdown(self) -> None:

@@ -99,7 +99,8 @@ class GuestVM:
         )
         self.accel, self.accel_reason = choice.accel, choice.reason
         if choice.accel == "tcg" and q.accel == "auto":
-            log.warning("using TCG (software emulation): " + choice.reason, sandbox=self.sandbox_id)
+            log.warning("KVM cannot run the guest here: using TCG (software emulation); see `cocoon check`",
+                        sandbox=self.sandbox_id, reason=choice.reason[:160])  # fmt: skip
         from dataclasses import replace
 
         return replace(spec, accel=choice.accel)
