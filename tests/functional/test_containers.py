@@ -115,6 +115,12 @@ def test_create_start_exec_pause_kill_delete(cli, tmp_path):
     assert cli.state("c1")["status"] == "paused"
     assert cli("resume", "c1").returncode == 0
     assert cli.state("c1")["status"] == "running"
+    assert cli("update", "--pids-limit", "50", "--memory", "128m", "c1").returncode == 0
+    ev = json.loads(cli("events", "--stats", "c1").stdout)
+    assert ev["type"] == "stats" and ev["id"] == "c1"
+    assert ev["data"]["pids"]["limit"] == 50 and ev["data"]["pids"]["current"] >= 1
+    assert ev["data"]["memory"]["usage"]["limit"] == 128 << 20
+    assert ev["data"]["memory"]["usage"]["usage"] > 0
     listed = json.loads(cli("list", "-f", "json").stdout)
     assert [e["id"] for e in listed] == ["c1"]
     refused = cli("delete", "c1")

@@ -292,11 +292,27 @@ class StuckInCreated:
         if self.since is None:
             self.since = time.monotonic()
         if time.monotonic() - self.since > self.patience:
+            fds = _stdio_of(_state_pid(self.root, self.cid))
             return (
                 f"cocoon reported {self.cid} 'created' {self.patience:.0f}s ago but the client never "
-                "called start (its create call did not return)"
+                f"called start (its create call did not return); the monitor's stdio: {fds}"
             )
         return None
+
+
+def _state_pid(root: str | os.PathLike[str], cid: str) -> int:
+    try:
+        return int(json.loads((Path(root) / cid / "state.json").read_text()).get("pid") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _stdio_of(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in (0, 1, 2):
+        with contextlib.suppress(OSError):
+            out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return out
 
 
 # -- Cocoon bugs the tests found (see docs/integration.md); the tests that hit them are xfail -----------

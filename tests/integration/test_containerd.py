@@ -43,7 +43,7 @@ def test_run_tty(containerd, cid, pty_env):
     argv = containerd.argv("run", "-t", "--rm", *containerd.runtime_flags(), IMAGE, cid,
                            "sh", "-c", "tty; echo tty-ok; exit 4")  # fmt: skip
     try:
-        out = h.run_in_pty(argv, timeout=90, env=pty_env, give_up=h.StuckInCreated(containerd.cocoon_root, cid))
+        out = h.run_in_pty(argv, timeout=90, env=pty_env, give_up=h.StuckInCreated(containerd.cocoon_root, cid, 10))
     except AssertionError:
         containerd.cleanup(cid)
         raise

@@ -226,3 +226,31 @@ def cmd_exec(args: argparse.Namespace) -> int:
         _config(args), args.id, detach=args.detach, pid_file=args.pid_file, console_socket=args.console_socket,
         process_file=args.process, args=command, tty=args.tty, cwd=args.cwd, env=args.env, user=args.user,
     )  # fmt: skip
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    from cocoon.api import resources
+
+    res = resources.resources_from_flags(
+        resources_file=args.resources, memory=args.memory, memory_swap=args.memory_swap,
+        memory_reservation=args.memory_reservation, cpu_shares=args.cpu_shares, cpu_quota=args.cpu_quota,
+        cpu_period=args.cpu_period, cpuset_cpus=args.cpuset_cpus, cpuset_mems=args.cpuset_mems,
+        pids_limit=args.pids_limit,
+    )  # fmt: skip
+    resources.update(_config(args), args.id, res)
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from cocoon.api import resources
+    from cocoon.errors import InvalidArgument
+
+    text = args.interval.strip()
+    try:
+        interval = float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))
+    except ValueError:
+        raise InvalidArgument(f"invalid interval {args.interval!r}", field="interval") from None
+    if interval <= 0:
+        raise InvalidArgument("interval must be positive", field="interval")
+    resources.events(_config(args), args.id, stats_once=args.stats, interval=interval)
+    return 0
