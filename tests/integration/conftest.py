@@ -50,7 +50,11 @@ class Session:
     base: Path
     cocoon: str
     default_root: str
-    roots: set[str] = field(default_factory=set)
+    #: cocoon state roots in use -> the entries they held when registered (other users' containers)
+    roots: dict[str, set[str]] = field(default_factory=dict)
+
+    def add_root(self, root: str) -> None:
+        self.roots.setdefault(root, h.containers_in(root))
 
     @property
     def markers(self) -> list[str]:
@@ -71,15 +75,23 @@ def session(tmp_path_factory, request) -> Session:
         pytest.skip("no cocoon binary (set COCOON_BIN, or link /usr/local/bin/cocoon)")
     if h.missing_binaries("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is not installed")
-    # The guest image must exist before a daemon's first create (cached by content hash).
-    built = h.run([cocoon, "image", "build", "--json"], timeout=600)
-    assert built.returncode == 0, f"cannot build the guest image: {built}"
     from cocoon import config
 
-    default_root = config.load(None).runtime.root
+    # The engines run cocoon without COCOON_CONFIG (conmon clears the environment; we drop it for the
+    # others too), so cocoon reads /etc/cocoon/configuration.toml if it exists, else its defaults.
+    saved_config = os.environ.pop("COCOON_CONFIG", None)
+    default_root = config.load(str(config.DEFAULT_PATH) if config.DEFAULT_PATH.exists() else None).runtime.root
+    # The guest image must exist before a daemon's first create (cached by content hash).
+    built = h.run([cocoon, "image", "build", "--json"], timeout=600)
+    if built.returncode != 0:
+        if saved_config is not None:
+            os.environ["COCOON_CONFIG"] = saved_config
+        pytest.fail(f"cannot build the guest image: {built}")
     base = Path(tempfile.mkdtemp(prefix="cocoon-it-", dir="/tmp"))
     s = Session(base=base, cocoon=cocoon, default_root=default_root)
     yield s
+    if saved_config is not None:
+        os.environ["COCOON_CONFIG"] = saved_config
     h.unmount_below(base)
     if request.session.testsfailed:
         print(f"\nintegration: logs and state kept in {base}", file=sys.stderr)
@@ -117,24 +129,44 @@ def image_archive(session) -> Path:
 
 
 # -- leftovers ------------------------------------------------------------------------------------------
-def _snapshot(session: Session) -> tuple[set[int], dict[str, set[str]]]:
+Snapshot = tuple[set[int], dict[str, set[str]]]
+
+
+def _snapshot(session: Session) -> Snapshot:
     return set(h.ours(session.markers)), {root: h.containers_in(root) for root in session.roots}
 
 
-def reap(session: Session, before: tuple[set[int], dict[str, set[str]]]) -> tuple[list[str], list[str]]:
-    """Remove what appeared since ``before``; returns (process descriptions, container entries) found."""
-    pids_before, roots_before = before
-    left_containers = []
-    for root in sorted(session.roots):
-        for name in sorted(h.containers_in(root) - roots_before.get(root, set())):
-            left_containers.append(f"{root}/{name}")
-            if not name.startswith("~"):
-                session.cocoon_cmd(root, "delete", "--force", name)
-            else:
+def _new_since(session: Session, before: Snapshot) -> tuple[dict[int, h.Proc], dict[str, set[str]]]:
+    """Our processes and root entries that appeared since ``before`` (roots registered later: since then)."""
+    procs = {pid: p for pid, p in h.ours(session.markers).items() if pid not in before[0]}
+    entries = {}
+    for root, baseline in session.roots.items():
+        new = h.containers_in(root) - before[1].get(root, baseline)
+        if new:
+            entries[root] = new
+    return procs, entries
+
+
+def check_nothing_left(session: Session, before: Snapshot, grace: float = 20.0) -> None:
+    """Wait up to ``grace`` s for what appeared since ``before`` to go; then remove it and fail."""
+    # A monitor winds down (VM poweroff, virtiofsd, unmounts) right after its client returned.
+    deadline = time.monotonic() + grace
+    procs, entries = _new_since(session, before)
+    while (procs or entries) and time.monotonic() < deadline:
+        time.sleep(0.25)
+        procs, entries = _new_since(session, before)
+    if not procs and not entries:
+        return
+    for root, names in entries.items():
+        for name in sorted(names):
+            if name.startswith("~"):
                 shutil.rmtree(Path(root) / name, ignore_errors=True)
-    procs = {pid: p for pid, p in h.ours(session.markers).items() if pid not in pids_before}
+            else:
+                session.cocoon_cmd(root, "delete", "--force", name)
     h.kill_pids(procs)
-    return [f"{pid}: {p.cmdline[:200]}" for pid, p in sorted(procs.items())], left_containers
+    left_procs = [f"{pid}: {p.cmdline[:200]}" for pid, p in sorted(procs.items())]
+    left_entries = [f"{root}/{name}" for root, names in sorted(entries.items()) for name in sorted(names)]
+    raise AssertionError(f"left behind (now removed): processes {left_procs}, containers {left_entries}")
 
 
 @pytest.fixture(autouse=True)
@@ -146,15 +178,19 @@ def _no_leftovers(request):
     session: Session = request.getfixturevalue("session")
     before = _snapshot(session)
     yield
-    # A monitor winds down (VM poweroff, virtiofsd, unmounts) right after its client returned.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        pids_now, roots_now = _snapshot(session)
-        if pids_now <= before[0] and all(roots_now[r] <= before[1].get(r, set()) for r in roots_now):
-            return
-        time.sleep(0.25)
-    procs, containers = reap(session, before)
-    assert not procs and not containers, f"left behind: processes {procs}, containers {containers}"
+    check_nothing_left(session, before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leftovers_module(request):
+    """The same for each module, after its module-scoped containers were torn down."""
+    if os.geteuid() != 0:
+        yield
+        return
+    session: Session = request.getfixturevalue("session")
+    before = _snapshot(session)
+    yield
+    check_nothing_left(session, before)
 
 
 # -- containerd ----------------------------------------------------------------------------------------
@@ -235,7 +271,7 @@ def containerd(session, image_archive) -> Containerd:
     )
     daemon = h.Daemon("containerd", ["containerd", "--config", str(d / "config.toml")], d / "containerd.log")
     c = Containerd(session, d, daemon)
-    session.roots.add(c.cocoon_root)
+    session.add_root(c.cocoon_root)
     daemon.start()
     with contextlib.suppress(AssertionError):
         h.wait_for(lambda: not daemon.alive() or c.ctr("version", timeout=10).returncode == 0, 30,
@@ -304,7 +340,7 @@ def podman(session, image_archive) -> Podman:
     info = p("info", "--format", "json", timeout=60)
     if info.returncode != 0:
         pytest.skip(f"podman cannot run here: {info.stderr.strip()[-2000:]}")
-    session.roots.add(p.cocoon_root)
+    session.add_root(p.cocoon_root)
     p("load", "-i", str(image_archive), timeout=120, check=True)
     yield p
     p("rm", "--all", "--force", "--time", "0", timeout=120)
@@ -352,7 +388,7 @@ def docker(session, image_archive) -> Docker:
     daemon = h.Daemon("dockerd", argv, d / "dockerd.log")
     env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_CONFIG": str(d / "client")}
     k = Docker(session, d, env, daemon)
-    session.roots.add(k.cocoon_root)
+    session.add_root(k.cocoon_root)
     daemon.start()
     with contextlib.suppress(AssertionError):
         h.wait_for(lambda: not daemon.alive() or k("info", timeout=10).returncode == 0, 60, "dockerd to answer")

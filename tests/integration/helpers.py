@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,9 +52,12 @@ class Result:
 
 def run(argv: Sequence[str], *, timeout: float = 120, env: dict[str, str] | None = None, check: bool = False,
         stdin: int | None = subprocess.DEVNULL) -> Result:  # fmt: skip
-    """Run a client command; a timeout kills its process group and fails with what it printed."""
+    """Run a client command; a timeout kills its process group and fails with what it printed.
+
+    Output is decoded without newline translation: a terminal's CR LF stays visible.
+    """
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin, env=env,
-                            text=True, start_new_session=True)  # fmt: skip
+                            start_new_session=True)  # fmt: skip
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -64,7 +67,7 @@ def run(argv: Sequence[str], *, timeout: float = 120, env: dict[str, str] | None
         raise AssertionError(
             f"timed out after {timeout}s: {' '.join(argv)}\nstdout: {out!r}\nstderr: {err!r}"
         ) from None
-    res = Result(list(argv), proc.returncode, out, err)
+    res = Result(list(argv), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
     if check:
         assert res.returncode == 0, str(res)
     return res
@@ -242,7 +245,6 @@ class Daemon:
     log: Path
     env: dict[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
-    extra_pids: set[int] = field(default_factory=set)
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -313,23 +315,3 @@ def _stdio_of(pid: int) -> dict[int, str]:
         with contextlib.suppress(OSError):
             out[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
     return out
-
-
-# -- Cocoon bugs the tests found (see docs/integration.md); the tests that hit them are xfail -----------
-EXEC_BUG = (
-    "cocoon exec crashes before doing anything: the exec subparser's positional 'command' "
-    "(nargs=REMAINDER, src/cocoon/cli/parser.py _runc_commands) overwrites the subcommand dest 'command', "
-    "so src/cocoon/cli/main.py main() calls .replace() on a list: AttributeError, exit 1, no log.json line"
-)
-TTY_BUG = (
-    "create --console-socket never returns to containerd's shim: the monitor keeps create's inherited "
-    "stdout/stderr (go-runc's combined-output pipe) open for its lifetime when the process has a "
-    "terminal (src/cocoon/api/monitor.py Monitor.setup/_start_stdio, api/stdio.py ProcessIO.start "
-    "with a console), so go-runc's Create never sees EOF and the shim blocks"
-)
-NET_SYSCTL_BUG = (
-    "docker puts net.ipv4.ip_unprivileged_port_start=0 in linux.sysctl; "
-    "src/cocoon/agent/guestspec.py adjust_spec/_namespaces drops the network namespace but keeps net.* "
-    "sysctls, and the guest's crun refuses them: 'the sysctl net.ipv4.ip_unprivileged_port_start "
-    "requires a new network namespace'"
-)

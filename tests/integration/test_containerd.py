@@ -38,7 +38,6 @@ def test_run_exit_zero_with_image_config_and_env(containerd, cid):
     assert out.stdout == "bar 0 / /bin\n", out
 
 
-@pytest.mark.xfail(strict=False, reason=h.TTY_BUG)
 def test_run_tty(containerd, cid, pty_env):
     argv = containerd.argv("run", "-t", "--rm", *containerd.runtime_flags(), IMAGE, cid,
                            "sh", "-c", "tty; echo tty-ok; exit 4")  # fmt: skip
@@ -151,3 +150,17 @@ def test_kill_reports_exit_status_then_delete(sleeper, containerd):
     assert "exit code 42" in out.stderr, out  # ctr: "task ... exit with non-zero exit code 42"
     containerd.ctr("container", "delete", sleeper.id, check=True)
     assert sleeper.id not in h.containers_in(containerd.cocoon_root)
+
+
+def test_sigkill(containerd, cid):
+    """SIGKILL is what `ctr task kill -s SIGKILL`, `docker rm -f` and `podman rm -f` send."""
+    out = containerd.ctr("run", "-d", "--null-io", *containerd.runtime_flags(), IMAGE, cid, "sleep", "600")
+    try:
+        assert out.returncode == 0, out
+        kill = containerd.ctr("task", "kill", "-s", "SIGKILL", cid)
+        assert kill.returncode == 0, (kill, h.last_error_line(containerd.task_dir(cid) / "log.json"))
+        h.wait_for(lambda: containerd.task_status(cid) == "STOPPED", 30, "the task to stop")
+        deleted = containerd.ctr("task", "delete", cid)
+        assert deleted.returncode == 0 and "exit code 137" in deleted.stderr, deleted
+    finally:
+        containerd.cleanup(cid)

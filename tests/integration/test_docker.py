@@ -28,7 +28,6 @@ def _check_run(docker, cid: str, network: str) -> None:
     assert docker("ps", "-aq", "--filter", f"name={cid}").stdout.strip() == ""  # --rm removed it
 
 
-@pytest.mark.xfail(strict=False, reason=h.NET_SYSCTL_BUG)
 def test_run_network_none(docker, cid):
     _check_run(docker, cid, "none")
 

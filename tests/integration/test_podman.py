@@ -65,7 +65,6 @@ def test_running_and_logs(sleeper, podman):
     assert "started-err" in logs.stderr and "started-err" not in logs.stdout, logs
 
 
-@pytest.mark.xfail(strict=False, reason=h.EXEC_BUG)
 def test_exec(sleeper, podman):
     out = podman("exec", sleeper, "sh", "-c", "echo in-guest; echo to-stderr >&2; exit 5")
     assert out.returncode == 5, out

@@ -217,6 +217,8 @@ class ContainerManager:
                       devices: list[dict[str, Any]]) -> Container:
         adjusted, notes = guestspec.adjust_spec(spec, cid, cgroups.cgroups_path(cid))
         adjusted = guestspec.with_devices(adjusted, devices)
+        for key, value in guestspec.take_vm_sysctls(adjusted).items():
+            _apply_sysctl(key, value)
         for note in notes:
             log.info("spec adjusted for the guest", container=cid, note=note)
         bundle = self._bundle(cid)
@@ -504,3 +506,15 @@ def _unmount_all(done: list[mounts.Mounted]) -> None:
             mounts.unmount_storage(m)
         except CocoonError as exc:
             log.error("unmount storage failed", mount_point=m.storage.mount_point, error=str(exc))
+
+
+def _apply_sysctl(key: str, value: str) -> None:
+    """Write one sysctl of the VM (``net.ipv4.ip_forward`` -> /proc/sys/net/ipv4/ip_forward)."""
+    if not all(part and part not in (".", "..") for part in key.split(".")) or "/" in key:
+        raise InvalidArgument("bad sysctl name", field="linux.sysctl", key=key)
+    try:
+        with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
+            fh.write(value)
+    except OSError as exc:
+        raise InvalidArgument(f"cannot set sysctl {key}: {exc.strerror}", field="linux.sysctl", key=key) from exc
+    log.info("sysctl applied to the VM", key=key, value=value)

@@ -113,6 +113,20 @@ def adjust_spec(spec: dict[str, Any], container_id: str, cgroups_path: str) -> t
     return out, notes
 
 
+def take_vm_sysctls(spec: dict[str, Any]) -> dict[str, str]:
+    """Remove the ``net.*`` sysctls from ``spec`` and return them: the container has no network
+    namespace of its own in the guest (it uses the VM's, which belongs to its pod), so crun would
+    refuse them; the agent applies them to the VM instead."""
+    linux = spec.get("linux")
+    sysctl = linux.get("sysctl") if isinstance(linux, dict) else None
+    if not isinstance(sysctl, dict):
+        return {}
+    taken = {k: str(v) for k, v in sysctl.items() if isinstance(k, str) and k.startswith("net.")}
+    for key in taken:
+        del sysctl[key]
+    return taken
+
+
 def _major_minor(version: str) -> tuple[int, int]:
     parts = re.findall(r"\d+", version)[:2]
     if len(parts) < 2:

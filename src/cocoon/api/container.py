@@ -19,7 +19,7 @@ from typing import Any
 from cocoon.api.ids import validate_id
 from cocoon.api.state import ContainerState, StateStore, Status, refresh_status
 from cocoon.config import Config
-from cocoon.errors import CocoonError, InvalidArgument, NotFound, StateError
+from cocoon.errors import AgentError, CocoonError, InvalidArgument, NotFound, StateError
 from cocoon.log import get_logger
 
 log = get_logger("api")
@@ -198,7 +198,17 @@ def kill(cfg: Config, container_id: str, sig: str = "SIGTERM", *, all_processes:
     number = parse_signal(sig)
     state = load(cfg, container_id)
     state.status.require("kill", id=container_id)
-    _call(state, "signal_process", container_id, "", number, all_processes=all_processes)
+    try:
+        _call(state, "signal_process", container_id, "", number, all_processes=all_processes)
+    except AgentError:
+        # The signal may have ended the container before the answer came back: that is success.
+        import time
+
+        deadline = time.monotonic() + 3.0
+        while load(cfg, container_id).status != Status.STOPPED:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def pause(cfg: Config, container_id: str) -> None:

@@ -229,7 +229,9 @@ class Monitor:
     async def teardown(self, status: int) -> None:
         self._save(status=Status.STOPPED, exit_code=status, finished_at=rfc3339_nano(time.time_ns()))
         if self.server is not None:
-            await self.server.close()
+            # A forwarded call still in flight (say `kill KILL`, answered once crun kill returns,
+            # after the init already died) gets its answer before the VM goes away.
+            await self.server.shutdown(grace=2.0)
 
 
 def _rmdir_quiet(path: Path) -> None:

@@ -131,6 +131,18 @@ def open_console(console_socket: str, rows: int = 0, cols: int = 0) -> int:
     return slave
 
 
+def detach_stdio() -> None:
+    """Point fds 0-2 at /dev/null. With a console socket the terminal is the container's stdio, and
+    the client (go-runc in containerd's shim) reads create's stdout/stderr pipes until EOF: holding
+    them would block its create forever."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
 def window_size(fd: int) -> tuple[int, int]:
     rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
     return rows, cols
@@ -160,6 +172,7 @@ class ProcessIO:
         if terminal and console_socket:
             self.console_fd = open_console(console_socket, rows, cols)
             in_fd = out_fd = self.console_fd
+            detach_stdio()
             import signal
 
             asyncio.get_running_loop().add_signal_handler(signal.SIGWINCH, self._on_winch)

@@ -181,7 +181,7 @@ class QemuVM(Hypervisor):
         argv = build_argv(self.spec)
         self.started_at = time.monotonic()
         with self.qemu_log_path.open("wb") as errlog:
-            self._proc = procs.popen(argv, stdout=errlog, stderr=errlog)
+            self._proc = procs.popen(argv, stdout=errlog, stderr=errlog, die_with_parent=True)
         log.info("qemu started", sandbox=self.spec.sandbox_id, qemu_pid=self._proc.pid, accel=self.spec.accel)
         self._console_task = asyncio.create_task(self._follow_console())
         await self._connect_qmp()

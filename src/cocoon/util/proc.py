@@ -92,8 +92,13 @@ def popen(
     stderr: int | IO[Any] | None = subprocess.DEVNULL,
     pass_fds: Sequence[int] = (),
     new_session: bool = True,
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a process the caller owns (it must :func:`terminate` it); prefer :func:`spawn`."""
+    """Start a process the caller owns (it must :func:`terminate` it); prefer :func:`spawn`.
+
+    ``die_with_parent``: the kernel SIGKILLs the child when this process dies, even by SIGKILL
+    (PR_SET_PDEATHSIG), so a VMM never outlives the process that owns it.
+    """
     args = [os.fspath(a) for a in argv]
     log.debug("spawn", command=" ".join(args))
     try:
@@ -105,11 +110,21 @@ def popen(
             env=_env(env),
             pass_fds=tuple(pass_fds),
             start_new_session=new_session,
+            preexec_fn=_die_with_parent if die_with_parent else None,  # noqa: PLW1509 - one prctl
         )
     except FileNotFoundError as exc:
         raise NotFound("command not found", command=args[0]) from exc
     except PermissionError as exc:
         raise ProcessError("command not executable", command=args[0]) from exc
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 async def wait_exit(proc: subprocess.Popen[Any], timeout: float | None = None) -> int | None:
@@ -148,9 +163,12 @@ def spawn(
     pass_fds: Sequence[int] = (),
     grace: float = 2.0,
     new_session: bool = True,
+    die_with_parent: bool = True,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a helper process owned by this context: it is terminated and reaped on exit."""
-    proc = popen(argv, env=env, stdout=stdout, stderr=stderr, pass_fds=pass_fds, new_session=new_session)
+    """Start a helper process owned by this context: it is terminated and reaped on exit (and
+    killed by the kernel if this process dies first)."""
+    proc = popen(argv, env=env, stdout=stdout, stderr=stderr, pass_fds=pass_fds, new_session=new_session,
+                 die_with_parent=die_with_parent)
     try:
         yield proc
     finally:

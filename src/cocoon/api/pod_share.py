@@ -1,0 +1,242 @@
+"""The share of a pod sandbox: one directory, one virtiofsd, containers added and removed while both run.
+
+Layout (what :func:`cocoon.storage.shared.plan` computes for each container)::
+
+    <root>/                       a bind mount of itself, propagation "shared"
+    <root>/<container id>/rootfs  <- the bundle's rootfs
+    <root>/<container id>/mounts/<n>  <- the source of the spec's n-th mount (bind mounts only)
+
+**How mounts made after virtiofsd started reach it.** In its default ``sandbox=namespace`` mode
+virtiofsd (QEMU 7.2) unshares a mount namespace once the VMM connects, makes every mount there a
+slave (``MS_REC|MS_SLAVE`` on ``/``) and pivots into the shared directory. :meth:`PodShare.open`
+therefore makes the share root a mount of its own with *shared* propagation before virtiofsd
+starts: its copy in virtiofsd's namespace is then a slave of it, and every mount attached below
+the root later propagates there; unmounting on the host propagates the removal (checked in
+``/proc/<virtiofsd>/mountinfo``, see tests/functional/test_sandbox_api.py). Kata Containers shares
+its ``mounts/`` directory the same way. Nothing flows back: the copies in virtiofsd are slaves.
+
+**Read-only binds.** ``mount --rbind`` + ``mount -o remount,bind,ro`` (what the CLI path does
+before virtiofsd starts) is not enough here: the remount is per mount and does not propagate, so
+virtiofsd's copy stayed writable (verified). Each bind is therefore built detached with the new
+mount API (``open_tree(OPEN_TREE_CLONE|AT_RECURSIVE)``, ``mount_setattr(MOUNT_ATTR_RDONLY,
+AT_RECURSIVE)``) and only then attached (``move_mount``): the copy that propagates is read-only
+from the start, submounts included. This needs Linux 5.12 (Debian 12 has 6.1).
+
+Removal never recurses into what was bind-mounted: each bind is detached (``umount2(MNT_DETACH)``,
+lazy because virtiofsd may still hold inodes for a moment), and only directories and placeholder
+files created here are removed, once nothing is mounted below the container's directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from cocoon.errors import AlreadyExists, CocoonError, NotFound
+from cocoon.log import get_logger
+from cocoon.oci.model import Spec
+from cocoon.storage import shared
+
+log = get_logger("storage")
+
+# Same numbers on every architecture (the syscall table was unified from 424 on).
+_SYS_OPEN_TREE = 428
+_SYS_MOVE_MOUNT = 429
+_SYS_MOUNT_SETATTR = 442
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_AT_RECURSIVE = 0x8000
+_OPEN_TREE_CLONE = 1
+_MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_MOUNT_ATTR_RDONLY = 0x1
+_MS_BIND = 0x1000
+_MS_PRIVATE = 1 << 18
+_MS_SHARED = 1 << 20
+_MNT_DETACH = 0x2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def _check(ret: int, what: str, **context: str) -> int:
+    if ret >= 0:
+        return ret
+    err = ctypes.get_errno()
+    if err == errno.ENOSYS:
+        raise CocoonError(f"{what}: the kernel lacks the new mount API (Linux 5.12 or newer is needed)", **context)
+    if err == errno.ENOENT:
+        raise NotFound(f"{what}: {os.strerror(err)}", **context)
+    raise CocoonError(f"{what}: {os.strerror(err)}", errno=errno.errorcode.get(err, str(err)), **context)
+
+
+def _mount(source: str, target: Path, flags: int) -> None:
+    ret = _libc.mount(source.encode(), str(target).encode(), None, ctypes.c_ulong(flags), None)
+    _check(int(ret), "mount", target=str(target))
+
+
+def attach_bind(source: Path, target: Path, *, readonly: bool) -> None:
+    """Bind ``source`` (recursively) on ``target`` so that the copies propagating from ``target``'s
+    parent already carry ``readonly`` (every submount included)."""
+    fd = _check(int(_libc.syscall(_SYS_OPEN_TREE, _AT_FDCWD, str(source).encode(),
+                                  _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE)),
+                "open_tree", source=str(source))  # fmt: skip
+    try:
+        # Private until attached: nothing mounted later in the source (on the host) follows it.
+        attr = _MountAttr(_MOUNT_ATTR_RDONLY if readonly else 0, 0, _MS_PRIVATE, 0)
+        _check(int(_libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, ctypes.byref(attr),
+                                 ctypes.sizeof(attr))), "mount_setattr", source=str(source))  # fmt: skip
+        _check(int(_libc.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, str(target).encode(), _MOVE_MOUNT_F_EMPTY_PATH)),
+               "move_mount", source=str(source), target=str(target))  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+def detach(target: Path) -> None:
+    """Lazily unmount ``target`` and everything below it (a no-op when nothing is mounted there)."""
+    if int(_libc.umount2(str(target).encode(), _MNT_DETACH)) < 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point (any more)
+            log.warning("unmount failed", target=str(target), error=os.strerror(err))
+
+
+@dataclass
+class _Entry:
+    """What one container put into the share: mount points, then directories/files created for them."""
+
+    targets: list[Path] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)
+
+
+class PodShare:
+    """The directory a pod sandbox exports to its VM; containers come and go while virtiofsd serves it.
+
+    ``with PodShare(root) as root_dir:`` (or :meth:`open` / :meth:`close`). Open it *before*
+    starting virtiofsd on ``root``; close it after virtiofsd stopped. Not thread-safe: call it from
+    one thread (the event loop's).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._entries: dict[str, _Entry] = {}
+        self._created_root = False
+        self._mounted_root = False
+
+    @property
+    def container_ids(self) -> tuple[str, ...]:
+        """Containers whose mounts are in the share."""
+        return tuple(self._entries)
+
+    def open(self) -> Path:
+        """Create the root and make it a shared-propagation mount of itself."""
+        if self._mounted_root:
+            return self.root
+        if not self.root.exists():
+            self.root.mkdir(mode=0o700)
+            self._created_root = True
+        try:
+            _mount(str(self.root), self.root, _MS_BIND)
+            self._mounted_root = True
+            # A peer group of its own: neither joins the parent's group nor receives its events.
+            _mount("none", self.root, _MS_PRIVATE)
+            _mount("none", self.root, _MS_SHARED)
+        except BaseException:
+            self.close()
+            raise
+        return self.root
+
+    def add(self, spec: Spec, container_id: str) -> shared.SharePlan:
+        """Bind the container's rootfs and bind-mount sources into ``<root>/<container_id>/``.
+
+        Returns the plan; its ``guest_spec`` is the spec the guest must get. On failure nothing of
+        the container is left in the share.
+        """
+        if container_id in self._entries:
+            raise AlreadyExists("container already in the share", container=container_id)
+        plan = shared.plan(spec, container_id, self.root)  # pure: raises before anything is made
+        entry = _Entry()
+        self._entries[container_id] = entry
+        try:
+            for bind in plan.binds:
+                target = self.root / bind.target
+                self._make(target, bind.is_dir, entry)
+                attach_bind(bind.source, target, readonly=bind.readonly)
+                entry.targets.append(target)
+        except BaseException:
+            self.remove(container_id)
+            raise
+        log.debug("container added to the share", container=container_id, binds=len(plan.binds))
+        return plan
+
+    def _make(self, path: Path, is_dir: bool, entry: _Entry) -> None:
+        missing = []
+        p = path
+        while p != self.root and not p.exists():
+            missing.append(p)
+            p = p.parent
+        for q in reversed(missing):
+            if q == path and not is_dir:
+                q.touch(mode=0o600)
+            else:
+                q.mkdir(mode=0o700)
+            entry.created.append(q)
+
+    def remove(self, container_id: str) -> bool:
+        """Unmount the container's binds and remove what was created for them.
+
+        Returns False (and leaves the directories) if something is still mounted below the
+        container's directory; unknown ids are a no-op (True).
+        """
+        entry = self._entries.pop(container_id, None)
+        if entry is None:
+            return True
+        for target in reversed(entry.targets):
+            detach(target)
+        left = shared.mounts_below(self.root / container_id)
+        if left:
+            log.error("share still has mounts: left in place", container=container_id, mounts=",".join(left))
+            return False
+        for path in reversed(entry.created):
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()  # never recursive: fails on anything not ours
+                else:
+                    path.unlink()
+            except OSError as exc:
+                log.warning("cannot remove from the share", path=str(path), error=exc.strerror)
+        return True
+
+    def close(self) -> None:
+        """Remove every container, unmount the root, remove it if it was created here. Idempotent."""
+        for cid in list(self._entries):
+            self.remove(cid)
+        if self._mounted_root:
+            detach(self.root)
+            self._mounted_root = False
+        if self._created_root:
+            left = shared.mounts_below(self.root)
+            if left:
+                log.error("share still has mounts: left in place", path=str(self.root), mounts=",".join(left))
+                return
+            try:
+                self.root.rmdir()
+                self._created_root = False
+            except OSError as exc:
+                log.warning("cannot remove the share", path=str(self.root), error=exc.strerror)
+
+    def __enter__(self) -> Path:
+        return self.open()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()

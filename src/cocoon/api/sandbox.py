@@ -1,0 +1,360 @@
+"""Pod sandboxes: one VM, several containers. The library API a CRI shim is built on.
+
+    async with Sandbox(cfg, "pod-1", Path("/run/cocoon/pods/pod-1"), memory_mib=512) as sb:
+        web = await sb.create_container("web", cocoon.oci.spec.load(bundle))
+        await web.start()
+        probe = await web.exec("probe-1", {"args": ["cat", "/etc/hostname"], "cwd": "/"})
+        out, err, status = await probe.output()
+
+A :class:`Sandbox` owns, for its whole life, the share directory (every container's rootfs and
+bind-mount sources, see :mod:`cocoon.api.pod_share`), one virtiofsd exporting it, and one
+:class:`~cocoon.api.guest.GuestVM` whose agent mounted the share. Containers are added while it
+runs (:meth:`Sandbox.create_container`) and removed one by one or all at once by :meth:`Sandbox.stop`,
+which undoes everything in reverse order whatever fails on the way; so does a failed
+:meth:`Sandbox.start`. Containers and processes are in :mod:`cocoon.api.pod_container`;
+docs/api.md is the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+from cocoon.api.ids import validate_id
+from cocoon.api.pod_container import Container, Process, agent_errors
+from cocoon.api.pod_share import PodShare
+from cocoon.config import Config
+from cocoon.errors import AlreadyExists, CocoonError, InvalidArgument, NotFound, StateError
+from cocoon.log import bind, get_logger
+from cocoon.oci.model import Spec
+from cocoon.protocol.types import ContainerStats
+
+if TYPE_CHECKING:
+    from cocoon.api.guest import BootTimes, GuestVM
+    from cocoon.protocol.agent_client import AgentClient
+
+__all__ = ["Container", "ContainerStats", "Process", "Sandbox", "SandboxState", "pod_vm_size"]
+
+log = get_logger("api")
+
+#: Bytes a unix socket path may have (sun_path is 108 bytes with the terminating NUL).
+MAX_SOCKET_PATH = 107
+_LONGEST_SOCKET = "agent.sock"  # qmp.sock, agent.sock, vfs.sock live in state_dir
+#: Seconds :meth:`Sandbox.stop` waits for pending waits/reads to settle once the VM is gone.
+SETTLE_TIMEOUT = 2.0
+
+
+class SandboxState(enum.StrEnum):
+    """A sandbox's life cycle::
+
+        new --start()--> starting --> running --stop()--> stopping --> stopped
+                             |                                            ^
+                             +------------- start failed -----------------+
+        new --stop()--> stopped
+
+    A stopped sandbox holds nothing (no process, mount or socket) and cannot start again.
+    """
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+    def transition(self, to: SandboxState, *, sandbox: str | None = None) -> SandboxState:
+        """Return ``to`` if the life cycle allows going there from here, else raise StateError."""
+        if to not in _NEXT[self]:
+            sources = sorted(s.value for s in SandboxState if to in _NEXT[s])
+            raise StateError(f"sandbox cannot go from {self} to {to}", sandbox=sandbox, state=str(self),
+                             required=" or ".join(sources) or "none")  # fmt: skip
+        return to
+
+    def require_running(self, action: str, *, sandbox: str | None = None, **context: str | None) -> None:
+        """Raise StateError unless the sandbox runs: containers live only in a running sandbox."""
+        if self is not SandboxState.RUNNING:
+            raise StateError(f"cannot {action}: the sandbox is {self}", sandbox=sandbox, state=str(self),
+                             required="running", **context)  # fmt: skip
+
+
+_NEXT: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.NEW: frozenset({SandboxState.STARTING, SandboxState.STOPPED}),
+    SandboxState.STARTING: frozenset({SandboxState.RUNNING, SandboxState.STOPPED}),
+    SandboxState.RUNNING: frozenset({SandboxState.STOPPING}),
+    SandboxState.STOPPING: frozenset({SandboxState.STOPPED}),
+    SandboxState.STOPPED: frozenset(),
+}
+
+
+def pod_vm_size(
+    cfg: Config, *, memory_limit_bytes: int = 0, cpu_quota: int = 0, cpu_period: int = 0
+) -> tuple[int, int]:
+    """Guest memory (MiB) and vCPUs for a pod whose limits are given: the configured base plus the
+    memory limit, and at least as many vCPUs as the CPU quota asks for (capped at the host's).
+
+    The VM is sized once, at start: pass the result as ``memory_mib``/``vcpus`` of :class:`Sandbox`.
+    Zero or negative limits mean "none" (the configured size).
+    """
+    q = cfg.hypervisor.qemu
+    memory, vcpus = q.memory_mib, q.vcpus
+    if memory_limit_bytes > 0:
+        memory += -(-memory_limit_bytes // (1 << 20))
+    if cpu_quota > 0 and cpu_period > 0:
+        vcpus = max(vcpus, min(os.cpu_count() or 1, -(-cpu_quota // cpu_period)))
+    return memory, vcpus
+
+
+class Sandbox:
+    """One VM for a pod, and the containers in it.
+
+    ``state_dir`` is the sandbox's own directory (created if missing, mode 0700): sockets
+    (``qmp.sock``, ``agent.sock``, ``vfs.sock``), logs (``console.log``, ``qemu.log``,
+    ``vfs.sock.log``) and the share (``shared/``) live there. Stop removes the sockets and the share
+    and leaves the logs; the caller removes the directory. Its path must be short enough for unix
+    sockets (about 95 bytes).
+
+    ``memory_mib``/``vcpus`` size the VM (0: the configured ``[hypervisor.qemu]`` values). The pod's
+    limits, not each container's, should size it: see :func:`pod_vm_size`. Container limits are
+    applied to their cgroups inside the guest. ``hostname`` (default: the sandbox id) and ``dns``
+    (``resolv.conf`` lines or bare server addresses) are the guest's.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        sandbox_id: str,
+        state_dir: Path,
+        *,
+        memory_mib: int = 0,
+        vcpus: int = 0,
+        hostname: str = "",
+        dns: Sequence[str] = (),
+    ) -> None:
+        self.id = validate_id(sandbox_id, "sandbox id")
+        self.cfg = cfg
+        self.state_dir = Path(os.path.abspath(state_dir))
+        if len(os.fsencode(self.state_dir / _LONGEST_SOCKET)) > MAX_SOCKET_PATH:
+            room = MAX_SOCKET_PATH - len(_LONGEST_SOCKET) - 1
+            raise InvalidArgument("state_dir is too long for unix sockets", sandbox=sandbox_id,
+                                  path=str(self.state_dir), max_bytes=room)  # fmt: skip
+        if memory_mib < 0 or vcpus < 0:
+            raise InvalidArgument("memory_mib and vcpus must not be negative", sandbox=sandbox_id,
+                                  memory_mib=memory_mib, vcpus=vcpus)  # fmt: skip
+        self.memory_mib = memory_mib or cfg.hypervisor.qemu.memory_mib
+        self.vcpus = vcpus or cfg.hypervisor.qemu.vcpus
+        self.hostname = hostname or sandbox_id[:63]
+        self.dns = tuple(dns)
+        self._state = SandboxState.NEW
+        self._lock = asyncio.Lock()
+        self._stack = AsyncExitStack()
+        self._share = PodShare(self.state_dir / "shared")
+        self._guest: GuestVM | None = None
+        self._agent: AgentClient | None = None
+        self._containers: dict[str, Container] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- read-only facts ---------------------------------------------------------------------------
+    @property
+    def state(self) -> SandboxState:
+        """new, starting, running, stopping or stopped."""
+        return self._state
+
+    @property
+    def containers(self) -> Mapping[str, Container]:
+        """The containers not yet removed, by id (a copy)."""
+        return dict(self._containers)
+
+    @property
+    def share_dir(self) -> Path:
+        """The host directory exported to the guest (``/run/cocoon/shared`` there)."""
+        return self._share.root
+
+    @property
+    def boot_times(self) -> BootTimes | None:
+        """Seconds from launching the VMM to the agent channel and to the agent's first answer."""
+        return self._guest.times if self._guest is not None else None
+
+    @property
+    def accel(self) -> str:
+        """The accelerator the VM runs with (``kvm`` or ``tcg``), once started."""
+        return self._guest.accel if self._guest is not None else ""
+
+    def container(self, container_id: str) -> Container:
+        """The container named ``container_id``; NotFound if there is none (or it was removed)."""
+        found = self._containers.get(container_id)
+        if found is None:
+            raise NotFound("no such container in the sandbox", sandbox=self.id, container=container_id)
+        return found
+
+    # -- life cycle --------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Share directory, virtiofsd, VM, agent, CreateSandbox (the guest mounts the share).
+
+        On failure everything already set up is undone, the sandbox is ``stopped`` and the error
+        (with ``sandbox`` in its context; BootError carries the guest console's tail) is raised.
+        """
+        async with self._lock:
+            self._state = self._state.transition(SandboxState.STARTING, sandbox=self.id)
+            with bind(sandbox=self.id):
+                started = time.monotonic()
+                try:
+                    await self._start()
+                except BaseException as exc:
+                    try:
+                        await self._stack.aclose()
+                    finally:
+                        self._guest = self._agent = None
+                        self._state = SandboxState.STOPPED
+                    if isinstance(exc, CocoonError):
+                        exc.add_context(sandbox=self.id)
+                    raise
+                self._state = SandboxState.RUNNING
+                log.info("sandbox ready", seconds=round(time.monotonic() - started, 3), memory_mib=self.memory_mib,
+                         vcpus=self.vcpus)  # fmt: skip
+
+    async def _start(self) -> None:
+        from cocoon.api.guest import GuestVM
+        from cocoon.storage import shared
+        from cocoon.storage.virtiofs import VirtioFsDaemon
+
+        if self.cfg.runtime.shared_fs != "virtio-fs":
+            raise InvalidArgument("pod sandboxes need runtime.shared_fs = virtio-fs", value=self.cfg.runtime.shared_fs)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        stack = self._stack
+        # Registered first, closed last: the mounts go once virtiofsd and the VM are gone.
+        stack.callback(self._share.close)
+        self._share.open()  # shared propagation *before* virtiofsd makes its namespace
+        daemon = VirtioFsDaemon(self._share.root, self.state_dir / "vfs.sock", binary=self.cfg.runtime.virtiofsd,
+                                tag=shared.SHARE_TAG)  # fmt: skip
+        share = stack.enter_context(daemon)
+        guest = GuestVM(self.cfg, self.id, self.state_dir, memory_mib=self.memory_mib, vcpus=self.vcpus,
+                        shared_dirs=(share,))  # fmt: skip
+        await stack.enter_async_context(guest)
+        self._guest, self._agent = guest, guest.agent
+        assert self._agent is not None
+        with agent_errors("create sandbox in the guest", sandbox=self.id):
+            await self._agent.create_sandbox(
+                sandbox_id=self.id, hostname=self.hostname, dns=self.dns,
+                storages=[{"driver": "virtio-fs", "source": shared.SHARE_TAG, "fstype": "virtiofs",
+                           "mount_point": shared.GUEST_SHARED}],
+            )  # fmt: skip
+
+    async def stop(self) -> None:
+        """Remove every container, power the guest off, stop virtiofsd, undo every mount. Idempotent.
+
+        Containers go with the guest's DestroySandbox (one call kills and deletes them all); the VM
+        is stopped even if the guest does not answer (QMP ``quit``, then SIGKILL). Pending
+        :meth:`Process.wait` calls get the status (or an AgentError if the guest died first).
+        """
+        async with self._lock:
+            if self._state is SandboxState.STOPPED:
+                return
+            if self._state is SandboxState.NEW:
+                self._state = self._state.transition(SandboxState.STOPPED)
+                return
+            self._state = self._state.transition(SandboxState.STOPPING, sandbox=self.id)
+            with bind(sandbox=self.id):
+                started = time.monotonic()
+                for c in self._containers.values():
+                    c._forget()
+                self._containers.clear()
+                try:
+                    await self._stack.aclose()
+                finally:
+                    self._agent = None
+                    self._state = SandboxState.STOPPED
+                    await self._settle()
+                log.info("sandbox stopped", seconds=round(time.monotonic() - started, 3))
+
+    async def _settle(self) -> None:
+        """Let background waits end (the agent connection is closed: they fail at once)."""
+        pending = {t for t in self._tasks if not t.done()}
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=SETTLE_TIMEOUT)
+            for task in still:
+                task.cancel()
+        self._tasks.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- containers --------------------------------------------------------------------------------
+    async def create_container(self, container_id: str, spec: Spec) -> Container:
+        """Create a container from ``spec`` (see :func:`cocoon.oci.spec.load`) in the running sandbox.
+
+        Its rootfs and bind-mount sources are bind-mounted into the share (visible to the guest at
+        once), then the guest runs ``crun create``: the container is ``created`` and its init waits
+        for :meth:`Container.start`. Host hooks of the spec are not run here (the caller's job).
+        Errors: InvalidArgument (bad id, no ``process``), AlreadyExists (id in use), NotFound
+        (rootfs or a bind source missing), StateError (sandbox not running), AgentError (crun's
+        message); nothing of the container is left behind.
+        """
+        validate_id(container_id, "container id")
+        async with self._lock:
+            agent = self._agent_for("create container", container=container_id)
+            if container_id in self._containers:
+                raise AlreadyExists("container id in use", sandbox=self.id, container=container_id)
+            if spec.process is None:
+                raise InvalidArgument("process: required", field="process", file=str(spec.path), sandbox=self.id,
+                                      container=container_id)  # fmt: skip
+            with bind(sandbox=self.id, container=container_id):
+                try:
+                    plan = self._share.add(spec, container_id)
+                except CocoonError as exc:
+                    exc.add_context(sandbox=self.id, container=container_id)
+                    raise
+                try:
+                    with agent_errors("create container", sandbox=self.id, container=container_id):
+                        await agent.create_container(container_id, plan.guest_spec)
+                except BaseException as exc:
+                    try:
+                        # An answer (crun's error...) means the guest cleaned up; a timeout or a
+                        # cancellation may leave the container there after all.
+                        if not (isinstance(exc, CocoonError) and exc.context.get("code")):
+                            await self._forget_in_guest(agent, container_id)
+                    finally:
+                        self._share.remove(container_id)
+                    raise
+                container = Container(self, container_id, spec)
+                self._containers[container_id] = container
+                log.info("container created", binds=len(plan.binds))
+                return container
+
+    async def _forget_in_guest(self, agent: AgentClient, container_id: str) -> None:
+        try:
+            await agent.remove_container(container_id, wait=5, timeout=15.0)
+        except CocoonError as exc:
+            log.debug("no container to remove in the guest", container=container_id, error=str(exc))
+
+    # -- internals used by Container and Process ---------------------------------------------------
+    def _agent_for(self, action: str, **context: str | None) -> AgentClient:
+        self._state.require_running(action, sandbox=self.id, **context)
+        assert self._agent is not None
+        return self._agent
+
+    def _agent_or_none(self) -> AgentClient | None:
+        return self._agent if self._state is SandboxState.RUNNING else None
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _container_removed(self, container: Container) -> None:
+        if self._containers.get(container.id) is container:
+            del self._containers[container.id]
+        self._share.remove(container.id)
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id}: {self._state}, {len(self._containers)} containers>"
