@@ -186,12 +186,17 @@ def _call(state: ContainerState, method: str, *args: Any, **kwargs: Any) -> Any:
 
 
 # -- simple commands --------------------------------------------------------------------------
-def start(cfg: Config, container_id: str) -> None:
+def _locked_call(cfg: Config, container_id: str, action: str, method: str) -> None:
+    """Lock the container, check ``action`` is allowed in its state, ask its monitor to do it."""
     store = store_for(cfg)
     with store.lock(validate_id(container_id)):
         state = load(cfg, container_id)
-        state.status.require("start", id=container_id)
-        _call(state, "start_container", container_id)
+        state.status.require(action, id=container_id)
+        _call(state, method, container_id)
+
+
+def start(cfg: Config, container_id: str) -> None:
+    _locked_call(cfg, container_id, "start", "start_container")
 
 
 def kill(cfg: Config, container_id: str, sig: str = "SIGTERM", *, all_processes: bool = False) -> None:
@@ -212,19 +217,11 @@ def kill(cfg: Config, container_id: str, sig: str = "SIGTERM", *, all_processes:
 
 
 def pause(cfg: Config, container_id: str) -> None:
-    store = store_for(cfg)
-    with store.lock(validate_id(container_id)):
-        state = load(cfg, container_id)
-        state.status.require("pause", id=container_id)
-        _call(state, "pause_container", container_id)
+    _locked_call(cfg, container_id, "pause", "pause_container")
 
 
 def resume(cfg: Config, container_id: str) -> None:
-    store = store_for(cfg)
-    with store.lock(validate_id(container_id)):
-        state = load(cfg, container_id)
-        state.status.require("resume", id=container_id)
-        _call(state, "resume_container", container_id)
+    _locked_call(cfg, container_id, "resume", "resume_container")
 
 
 def processes(cfg: Config, container_id: str) -> list[int]:
