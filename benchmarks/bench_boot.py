@@ -33,6 +33,7 @@ MARKER = b"COCOON-BARE-READY"
 def bare_boot(spec: VMSpec) -> float:
     """Seconds from launching QEMU to the bare init's marker on the console."""
     spec = dataclasses.replace(spec, kernel_params=(*spec.kernel_params, "rdinit=/sbin/bare-init"))
+    spec.workdir.mkdir(parents=True, exist_ok=True)
     console = spec.workdir / "console.log"
     console.unlink(missing_ok=True)
     started = time.monotonic()

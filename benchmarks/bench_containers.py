@@ -91,8 +91,10 @@ def main() -> None:
             results[name] = median(times)
             # state/list latency on a root holding one (stopped or created) container
             if name in ("cocoon", "runc"):
+                # The container keeps create's stdio (as with runc): give it /dev/null, not pipes.
                 subprocess.run([*argv, "--root", str(root), "create", "--bundle", str(bundle), "lat"],
-                               capture_output=True, check=False, stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                               stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
                 lat_rows.append([name, f"{latency(argv, root, ['state', 'lat']) * 1000:.1f}",
                                  f"{latency(argv, root, ['list']) * 1000:.1f}"])  # fmt: skip
                 subprocess.run([*argv, "--root", str(root), "delete", "--force", "lat"], capture_output=True,

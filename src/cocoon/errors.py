@@ -28,7 +28,10 @@ Tree::
 
 from __future__ import annotations
 
-from typing import Any
+# `typing` costs ~4 ms to import; this module is on the path of `cocoon state`.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class CocoonError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -61,10 +62,8 @@ def test_every_state_can_end_stopped():
     def allowed(src: SandboxState) -> set[SandboxState]:
         out = set()
         for dst in S:
-            try:
+            with contextlib.suppress(StateError):
                 out.add(src.transition(dst))
-            except StateError:
-                pass
         return out
 
     for state in S:
@@ -128,7 +127,8 @@ async def test_sandbox_stop_before_start_and_no_restart(cfg, tmp_path):
 def test_agent_errors_typed_with_context(code, cls):
     with pytest.raises(cls) as err, agent_errors("start container", sandbox="sb", container="c", exec_id=None):
         raise AgentError("agent AgentService/StartContainer: boom", method="AgentService/StartContainer", code=code)
-    assert str(err.value).startswith("start container: agent AgentService/StartContainer: boom (sandbox=sb, container=c")
+    expected = "start container: agent AgentService/StartContainer: boom (sandbox=sb, container=c"
+    assert str(err.value).startswith(expected)
     assert err.value.context["code"] == code and "exec_id" not in err.value.context
     assert isinstance(err.value.__cause__, AgentError)
 
@@ -178,8 +178,9 @@ class FakeAgent:
         await self._op("signal", cid, eid, sig, all_processes)
 
     async def remove_container(self, cid: str, *, wait: int = 0, timeout: float | None = None) -> None:
+        await asyncio.sleep(0)  # a round trip: tasks started before (the init's wait) get going
         await self._op("remove", cid)
-        for (c, e), fut in self.exits.items():
+        for (c, _), fut in self.exits.items():
             if c == cid and not fut.done():
                 fut.set_result(137)
 
@@ -227,7 +228,7 @@ async def running(cfg, tmp_path):
 
 
 async def test_container_life_cycle_guards(running):
-    sb, agent, c = running
+    _, agent, c = running
     assert c.state is Status.CREATED
     with pytest.raises(StateError, match="cannot pause container: it is created") as err:
         await c.pause()
@@ -256,7 +257,7 @@ async def test_container_life_cycle_guards(running):
 async def test_failed_start_keeps_state(running):
     _, agent, c = running
     agent.fail["start"] = AgentError("agent AgentService/StartContainer: crun start: no", code="INTERNAL")
-    with pytest.raises(AgentError, match="^start container: ") as err:
+    with pytest.raises(AgentError, match=r"^start container: ") as err:
         await c.start()
     assert err.value.context["container"] == "c"
     assert c.state is Status.CREATED
@@ -327,3 +328,40 @@ async def test_calls_refused_once_the_sandbox_stopped(running):
     assert err.value.context["container"] == "c"
     await c.remove()  # nothing to ask the guest: just forgotten
     assert c.removed
+
+
+# -- clean-up after a dead owner (no mounts here: the layout only) --------------------------------
+
+
+def test_clean_up_removes_only_the_layout(tmp_path):
+    from cocoon.api.sandbox import clean_up
+
+    share = tmp_path / "shared"
+    (share / "c1" / "rootfs").mkdir(parents=True)
+    (share / "c1" / "mounts" / "0").mkdir(parents=True)
+    (share / "c1" / "mounts" / "1").touch()
+    (share / "c2" / "rootfs").mkdir(parents=True)
+    (tmp_path / "agent.sock").touch()
+    (tmp_path / "console.log").write_text("kept")
+    assert clean_up(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["console.log"]
+    assert clean_up(tmp_path)  # idempotent
+
+
+def test_clean_up_keeps_what_is_not_a_placeholder(tmp_path):
+    from cocoon.api.sandbox import clean_up
+
+    rootfs = tmp_path / "shared" / "c1" / "rootfs"
+    rootfs.mkdir(parents=True)
+    (rootfs / "data").write_text("a container's file: never removed")
+    assert not clean_up(tmp_path)
+    assert (rootfs / "data").read_text().startswith("a container's")
+
+
+async def test_start_refuses_a_state_dir_holding_a_share(cfg, tmp_path):
+    (tmp_path / "shared").mkdir()
+    sb = Sandbox(cfg, "sb", tmp_path)
+    with pytest.raises(AlreadyExists, match="clean_up") as err:
+        await sb.start()
+    assert err.value.context["sandbox"] == "sb" and sb.state is S.STOPPED
+    assert (tmp_path / "shared").is_dir()  # not ours: left alone

@@ -381,4 +381,3 @@ class Container:
 
     def __repr__(self) -> str:
         return f"<Container {self.id} in {self.sandbox_id}: {self._state}>"
-

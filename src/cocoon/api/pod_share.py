@@ -235,8 +235,48 @@ class PodShare:
             except OSError as exc:
                 log.warning("cannot remove the share", path=str(self.root), error=exc.strerror)
 
+    @staticmethod
+    def clean_stale(root: Path) -> bool:
+        """Undo what a share whose owner died left at ``root``: unmount everything below it, then
+        remove the layout (directories and empty placeholder files only). False if anything stays."""
+        root = Path(root)
+        if not root.exists():
+            return True
+        for point in sorted(shared.mounts_below(root), key=len, reverse=True):
+            detach(Path(point))
+        left = shared.mounts_below(root)
+        if left:
+            log.error("stale share still has mounts: left in place", path=str(root), mounts=",".join(left))
+            return False
+        ok = True
+        for cdir in root.iterdir():
+            mounts = cdir / "mounts"
+            layout = [cdir / "rootfs", *(sorted(mounts.iterdir()) if mounts.is_dir() else []), mounts, cdir]
+            for path in layout:
+                ok = _remove_placeholder(path) and ok
+        return _remove_placeholder(root) and ok
+
     def __enter__(self) -> Path:
         return self.open()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+def _remove_placeholder(path: Path) -> bool:
+    """rmdir an (empty) directory or unlink an empty file; anything else stays (and is reported)."""
+    if not path.is_symlink() and not path.exists():
+        return True
+    try:
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            raise OSError(errno.EEXIST, "not a placeholder")
+        if path.is_dir():
+            path.rmdir()
+        elif path.stat().st_size == 0:
+            path.unlink()
+        else:
+            raise OSError(errno.ENOTEMPTY, "not an empty placeholder")
+    except OSError as exc:
+        log.warning("stale share: not removed", path=str(path), error=exc.strerror)
+        return False
+    return True

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from cocoon.api.guest import BootTimes, GuestVM
     from cocoon.protocol.agent_client import AgentClient
 
-__all__ = ["Container", "ContainerStats", "Process", "Sandbox", "SandboxState", "pod_vm_size"]
+__all__ = ["Container", "ContainerStats", "Process", "Sandbox", "SandboxState", "clean_up", "pod_vm_size"]
 
 log = get_logger("api")
 
@@ -108,6 +108,25 @@ def pod_vm_size(
     if cpu_quota > 0 and cpu_period > 0:
         vcpus = max(vcpus, min(os.cpu_count() or 1, -(-cpu_quota // cpu_period)))
     return memory, vcpus
+
+
+def clean_up(state_dir: Path) -> bool:
+    """Undo what a sandbox whose owner died (SIGKILL) left in ``state_dir``.
+
+    Its QEMU and virtiofsd died with it (they get SIGKILL when their owner dies); its bind mounts
+    did not: they are unmounted here, then the share directory and the sockets are removed (logs
+    stay). Idempotent; False if something could not be removed (it is logged). Call it before
+    reusing a ``state_dir``, e.g. when a shim restarts.
+    """
+    state_dir = Path(os.path.abspath(state_dir))
+    ok = PodShare.clean_stale(state_dir / "shared")
+    for name in ("qmp.sock", "agent.sock", "vfs.sock"):
+        try:
+            (state_dir / name).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove a stale socket", path=str(state_dir / name), error=exc.strerror)
+            ok = False
+    return ok
 
 
 class Sandbox:
@@ -207,7 +226,7 @@ class Sandbox:
                     await self._start()
                 except BaseException as exc:
                     try:
-                        await self._stack.aclose()
+                        await _close_fully(self._stack)
                     finally:
                         self._guest = self._agent = None
                         self._state = SandboxState.STOPPED
@@ -226,6 +245,10 @@ class Sandbox:
         if self.cfg.runtime.shared_fs != "virtio-fs":
             raise InvalidArgument("pod sandboxes need runtime.shared_fs = virtio-fs", value=self.cfg.runtime.shared_fs)
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._share.root.exists():
+            # Another sandbox's (live: never touch it) or a dead owner's (clean_up() undoes it).
+            raise AlreadyExists("state_dir already holds a share: in use, or call clean_up() after its owner died",
+                                path=str(self._share.root))  # fmt: skip
         stack = self._stack
         # Registered first, closed last: the mounts go once virtiofsd and the VM are gone.
         stack.callback(self._share.close)
@@ -265,7 +288,7 @@ class Sandbox:
                     c._forget()
                 self._containers.clear()
                 try:
-                    await self._stack.aclose()
+                    await _close_fully(self._stack)
                 finally:
                     self._agent = None
                     self._state = SandboxState.STOPPED
@@ -358,3 +381,13 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"<Sandbox {self.id}: {self._state}, {len(self._containers)} containers>"
+
+
+async def _close_fully(stack: AsyncExitStack) -> None:
+    """Unwind ``stack`` to the end even if the caller is cancelled meanwhile (then re-raise that)."""
+    closing = asyncio.ensure_future(stack.aclose())
+    try:
+        await asyncio.shield(closing)
+    except asyncio.CancelledError:
+        await closing  # a half-undone sandbox would leak a VM or mounts: finish first
+        raise
