@@ -44,6 +44,8 @@ def make_bundle(
     (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
     (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
     spec = default_spec()
+    # 1.0.2 is what runc 1.1 writes; older peers (crun 1.8 on Debian 12) refuse 1.2.x.
+    spec["ociVersion"] = "1.0.2"
     spec["process"]["args"] = list(args)
     spec["process"]["terminal"] = terminal
     if env:

@@ -96,10 +96,11 @@ def plan(spec: Spec, container_id: str, share_root: Path) -> SharePlan:
 
 
 def _mount_bind(source: Path, target: Path, readonly: bool) -> None:
-    run(["mount", "--rbind", str(source), str(target)])
-    run(["mount", "--make-rslave", str(target)])
-    if readonly:
-        run(["mount", "-o", "remount,bind,ro", str(target)])
+    # Built detached with the new mount API: read-only reaches every submount (a `remount,bind,ro`
+    # would cover only the top one) and the copies in virtiofsd's mount namespace.
+    from cocoon.storage.mounts import attach_bind
+
+    attach_bind(source, target, readonly=readonly)
 
 
 def _umount(target: Path) -> None:
