@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median, table
+from common import median, pss_kib, table
 
 from cocoon import config
 from cocoon.api.bundle import make_bundle
@@ -71,6 +71,42 @@ def latency(runtime: list[str], root: Path, args: list[str], n: int = 20) -> flo
     return median([timed([*runtime, "--root", str(root), *args]) for _ in range(n)])
 
 
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (by /proc/*/stat parent links)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
+
+
+def idle_memory(tmp: Path) -> tuple[float, int]:
+    """PSS (MiB) of every host process of one idle running cocoon container, and how many there are."""
+    root = tmp / "root-mem"
+    bundle = make_bundle(tmp / "bundle-mem", ["sleep", "600"])
+    pid_file = tmp / "mem.pid"
+    subprocess.run([*COCOON, "--root", str(root), "run", "-d", "--bundle", str(bundle), "--pid-file", str(pid_file),
+                    "mem"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                   check=True, timeout=300)  # fmt: skip
+    try:
+        time.sleep(3)
+        procs = _descendants(int(pid_file.read_text()))
+        total = sum(pss_kib(p) for p in procs if Path(f"/proc/{p}").exists())
+        return total / 1024, len(procs)
+    finally:
+        subprocess.run([*COCOON, "--root", str(root), "delete", "--force", "mem"], capture_output=True, check=False,
+                       timeout=120)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
@@ -100,6 +136,7 @@ def main() -> None:
                 subprocess.run([*argv, "--root", str(root), "delete", "--force", "lat"], capture_output=True,
                                check=False, timeout=120)  # fmt: skip
         results["bare QEMU boot"] = median(bare_qemu(args.runs))
+        mem_mib, nprocs = idle_memory(tmp)
     base = results.get("cocoon", 0.0)
     for name, value in results.items():
         rows.append([name, f"{value:.3f}", f"{base / value:.1f}x" if value else "-"])
@@ -107,6 +144,9 @@ def main() -> None:
                 ["runtime", "seconds", "cocoon / this"], rows))  # fmt: skip
     print()
     print(table("CLI latency, median of 20 (ms)", ["runtime", "state", "list"], lat_rows))
+    print()
+    print(f"idle running container: {mem_mib:.1f} MiB PSS over {nprocs} host processes "
+          f"(monitor, QEMU, virtiofsd; guest RAM {config.load().hypervisor.qemu.memory_mib} MiB)")
 
 
 if __name__ == "__main__":
