@@ -17,6 +17,8 @@ Tree::
     ├── NotFound               a container, sandbox, file or binary that does not exist
     ├── AlreadyExists          an id that is already taken
     ├── StateError             a lifecycle transition that is not allowed (state, required)
+    │   └── LockTimeout        another command holds the container's lock too long
+    ├── CorruptState           a state.json that cannot be read back (id, file)
     ├── ProcessError           a helper process failed (command, exit_code, stderr)
     ├── ImageError             the guest image cannot be built or found
     ├── HypervisorError        the VMM failed
@@ -91,6 +93,14 @@ class AlreadyExists(CocoonError):
 
 class StateError(CocoonError):
     """An operation is not allowed in the object's current lifecycle state."""
+
+
+class CorruptState(CocoonError):
+    """A state.json that cannot be read back (names ``id`` and ``file``)."""
+
+
+class LockTimeout(StateError):
+    """Another command holds the container's lock longer than the caller was willing to wait."""
 
 
 class ProcessError(CocoonError):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 
 from cocoon.api.ids import is_valid_id, short_hash, validate_id
-from cocoon.errors import AlreadyExists, CocoonError, NotFound, StateError
+from cocoon.errors import AlreadyExists, CorruptState, LockTimeout, NotFound, StateError
 from cocoon.oci.defaults import OCI_VERSION
 
 # `typing` costs ~4 ms to import; this module is on the path of `cocoon state`.
@@ -40,14 +40,6 @@ STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 SOCKET_DIR = "~sock"
 SCHEMA = 1  # version of state.json's layout, written as "schema"
-
-
-class CorruptState(CocoonError):
-    """A state.json that cannot be read back (names ``id`` and ``file``)."""
-
-
-class LockTimeout(StateError):
-    """Another command holds the container's lock longer than the caller was willing to wait."""
 
 
 # --- Status --------------------------------------------------------------------------------------
