@@ -111,17 +111,7 @@ class PodShare:
         return plan
 
     def _make(self, path: Path, is_dir: bool, entry: _Entry) -> None:
-        missing = []
-        p = path
-        while p != self.root and not p.exists():
-            missing.append(p)
-            p = p.parent
-        for q in reversed(missing):
-            if q == path and not is_dir:
-                q.touch(mode=0o600)
-            else:
-                q.mkdir(mode=0o700)
-            entry.created.append(q)
+        entry.created += shared.make_placeholder(path, is_dir, self.root)
 
     def remove(self, container_id: str) -> bool:
         """Unmount the container's binds and remove what was created for them.

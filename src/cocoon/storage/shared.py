@@ -108,6 +108,26 @@ def _umount(target: Path) -> None:
     run(["umount", "-R", "-l", str(target)], check=False)
 
 
+def make_placeholder(path: Path, is_dir: bool, root: Path) -> list[Path]:
+    """Create ``path`` (a directory, or an empty file to bind a file on) and its missing parents up to
+    ``root``; returns what was created, outermost first, so that exactly that can be removed later."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p == root:
+            break
+        p = p.parent
+    created = []
+    for q in reversed(missing):
+        if q == path and not is_dir:
+            q.touch(mode=0o600)
+        else:
+            q.mkdir(mode=0o700)
+        created.append(q)
+    return created
+
+
 def mounts_below(path: Path) -> list[str]:
     """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
     prefix = str(path).rstrip("/") + "/"
@@ -131,26 +151,11 @@ def mounted(share: SharePlan) -> Iterator[Path]:
     created: list[Path] = []
     mounted_targets: list[Path] = []
 
-    def make(path: Path, is_dir: bool) -> None:
-        missing = []
-        p = path
-        while not p.exists():
-            missing.append(p)
-            if p == share.host_dir:
-                break
-            p = p.parent
-        for q in reversed(missing):
-            if q == path and not is_dir:
-                q.touch(mode=0o600)
-            else:
-                q.mkdir(mode=0o700)
-            created.append(q)
-
     try:
-        make(share.host_dir, True)
+        created += make_placeholder(share.host_dir, True, share.host_dir)
         for bind in share.binds:
             target = share.host_dir / bind.target
-            make(target, bind.is_dir)
+            created += make_placeholder(target, bind.is_dir, share.host_dir)
             _mount_bind(bind.source, target, bind.readonly)
             mounted_targets.append(target)
         yield share.host_dir
