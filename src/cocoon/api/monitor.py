@@ -27,7 +27,7 @@ from typing import Any
 from cocoon.api import hooks, stdio
 from cocoon.api.state import ContainerState, StateStore, Status, process_start_time, rfc3339_nano
 from cocoon.config import Config
-from cocoon.errors import CocoonError
+from cocoon.errors import CocoonError, InvalidArgument
 from cocoon.log import bind, get_logger
 from cocoon.oci.model import Spec
 
@@ -85,6 +85,12 @@ class Monitor:
         from cocoon.storage import shared
         from cocoon.storage.virtiofs import VirtioFsDaemon
 
+        if self.cfg.runtime.shared_fs != "virtio-fs":
+            # virtio-9p would need a guest kernel with 9p (Debian's cloud kernel has none): not yet.
+            raise InvalidArgument(
+                "runtime.shared_fs must be virtio-fs (virtio-9p is not supported yet)",
+                field="runtime.shared_fs", value=self.cfg.runtime.shared_fs,
+            )  # fmt: skip
         state_dir = Path(self.store.dir(self.cid))
         sock_dir = Path(self.store.socket_dir(self.cid))
         sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
