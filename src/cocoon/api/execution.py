@@ -9,11 +9,9 @@ the PID they were given in ``--pid-file`` exactly as they would with runc.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import secrets
-import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -21,12 +19,11 @@ from cocoon.api import stdio
 from cocoon.api.container import _fork_with_report, _write_pid_file, load
 from cocoon.api.state import ContainerState
 from cocoon.config import Config
-from cocoon.errors import CocoonError, InvalidArgument
+from cocoon.errors import InvalidArgument
 from cocoon.log import bind, get_logger
 
 log = get_logger("api")
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def build_process(
@@ -86,26 +83,12 @@ async def _stand_in(
         io = stdio.ProcessIO(agent, state.id, exec_id)
         await io.start(terminal=bool(process.get("terminal")), console_socket=console_socket)
         ready(None)
-        loop = asyncio.get_running_loop()
-        tasks: set[asyncio.Task[None]] = set()
-
-        def forward(sig: int) -> None:
-            task = asyncio.create_task(_signal(agent, state.id, exec_id, sig))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-        for sig in FORWARDED:
-            loop.add_signal_handler(sig, forward, sig)
+        io.forward_signals()
         status = int(await agent.wait_process(state.id, exec_id))  # no deadline
         await io.drain()
         return status
     finally:
         await agent.close()
-
-
-async def _signal(agent: Any, cid: str, eid: str, sig: int) -> None:
-    with contextlib.suppress(CocoonError):
-        await agent.signal_process(cid, eid, sig)
 
 
 def exec_process(

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack, ExitStack
@@ -27,14 +26,13 @@ from typing import Any
 from cocoon.api import hooks, stdio
 from cocoon.api.state import ContainerState, StateStore, Status, process_start_time, rfc3339_nano
 from cocoon.config import Config
-from cocoon.errors import CocoonError, InvalidArgument
+from cocoon.errors import InvalidArgument
 from cocoon.log import bind, get_logger
 from cocoon.oci.model import Spec
 
 log = get_logger("monitor")
 
 AGENT_SERVICE = "cocoon.agent.v1.AgentService"
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 VM_DIED_STATUS = 137
 
 
@@ -67,7 +65,6 @@ class Monitor:
         self.agent: Any = None
         self.server: Any = None
         self.io: stdio.ProcessIO | None = None
-        self._background: set[asyncio.Task[None]] = set()  # fire-and-forget tasks, kept referenced
         self._exit_status: asyncio.Future[int] | None = None
 
     # -- state -----------------------------------------------------------------------------------
@@ -195,10 +192,9 @@ class Monitor:
     # -- running ---------------------------------------------------------------------------------
     async def wait(self) -> int:
         """Until the container's init exits (or the VM dies, or delete --force): its status."""
-        loop = asyncio.get_running_loop()
-        self._exit_status = loop.create_future()
-        for sig in FORWARDED_SIGNALS:
-            loop.add_signal_handler(sig, self._forward_signal, sig)
+        self._exit_status = asyncio.get_running_loop().create_future()
+        if self.io is not None:
+            self.io.forward_signals()
         waiter = asyncio.create_task(self.agent.wait_process(self.cid, ""))  # no deadline
         waiter.add_done_callback(self._init_exited)
         status = await self._exit_status
@@ -217,20 +213,6 @@ class Monitor:
             self._exit_status.set_result(VM_DIED_STATUS)
         else:
             self._exit_status.set_result(int(task.result()))
-
-    def _forward_signal(self, sig: int) -> None:
-        async def send() -> None:
-            try:
-                await self.agent.signal_process(self.cid, "", int(sig))
-            except CocoonError as exc:
-                log.warning("cannot forward signal", signal=int(sig), error=str(exc))
-
-        self._spawn(send())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def teardown(self, status: int) -> None:
         self._save(status=Status.STOPPED, exit_code=status, finished_at=rfc3339_nano(time.time_ns()))

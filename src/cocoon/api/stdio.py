@@ -25,6 +25,8 @@ from cocoon.log import get_logger
 log = get_logger("api")
 
 CHUNK = 64 * 1024
+# What a runc stand-in passes on to the process it stands for (SIGKILL/SIGSTOP cannot be caught).
+FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
 async def _write_all(fd: int, data: bytes) -> bool:
@@ -187,6 +189,24 @@ class ProcessIO:
         else:
             # Not awaited at exit: input may never reach EOF.
             self._spawn(pump_input(self.agent, self.cid, self.eid, in_fd, close_at_eof=not terminal))
+
+    def forward_signals(self) -> None:
+        """Pass the signals this host process receives on to the guest process it stands for."""
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for name in FORWARDED_SIGNALS:
+            sig = int(getattr(signal, name))
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: int) -> None:
+        self._spawn(self._signal(sig))
+
+    async def _signal(self, sig: int) -> None:
+        try:
+            await self.agent.signal_process(self.cid, self.eid, sig)
+        except AgentError as exc:  # the process may be gone already
+            log.warning("cannot forward signal", signal=sig, error=str(exc))
 
     def _on_winch(self) -> None:
         if self.console_fd is not None:
