@@ -423,3 +423,27 @@ def free_id(prefix: str) -> str:
 def cid(request) -> str:
     """A container id/name unique to this test."""
     return free_id(request.node.name.removeprefix("test_").replace("_", "-")[:30])
+
+
+# -- containerd with CRI, running cocoon's shim v2 (tests/integration/shim_env.py) ---------------------
+@pytest.fixture(scope="session")
+def shim_containerd(session, image_archive):
+    import shim_env
+
+    missing = h.missing_binaries("containerd", "ctr", "containerd-shim-cocoon-v2")
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)} (make deps installs them)")
+    c = shim_env.make(session.base)
+    c.start()
+    if not c.answers():
+        tail = c.daemon.tail()
+        c.daemon.stop()
+        pytest.skip(f"containerd cannot start here:\n{tail}")
+    pause = shim_env.pause_archive(session.base / "image" / "oci", session.base / "image" / "pause.tar")
+    for ns in (shim_env.NAMESPACE_CRI, shim_env.NAMESPACE_CTR):
+        c.ctr("image", "import", str(image_archive), ns=ns, timeout=120, check=True)
+    c.ctr("image", "import", str(pause), ns=shim_env.NAMESPACE_CRI, timeout=120, check=True)
+    yield c
+    c.daemon.stop()
+    h.kill_pids(p.pid for p in c.shims())
+    h.unmount_below(c.directory)

@@ -170,8 +170,8 @@ def is_vmm(p: Proc) -> bool:
 
 
 def is_cocoon(p: Proc) -> bool:
-    """A cocoon process (the monitor forked by ``create`` keeps create's command line)."""
-    return any(Path(a).name == "cocoon" for a in p.argv[:2])
+    """A cocoon process (the monitor forked by ``create`` keeps create's command line), or a shim."""
+    return any(Path(a).name == "cocoon" for a in p.argv[:2]) or "cocoon.shim" in p.argv[:3]
 
 
 def ours(markers: Iterable[str]) -> dict[int, Proc]:

@@ -361,6 +361,16 @@ class Sandbox:
         except CocoonError as exc:
             log.debug("no container to remove in the guest", container=container_id, error=str(exc))
 
+    async def next_oom(self) -> str:
+        """Wait until a container of the sandbox hits its memory limit in the guest; its id.
+
+        Meant for one consumer (the agent hands each event out once). StateError once the sandbox
+        is not running; AgentError if the guest goes away meanwhile.
+        """
+        agent = self._agent_for("wait for OOM events")
+        with agent_errors("wait for OOM events", sandbox=self.id):
+            return await agent.get_oom_event()
+
     # -- internals used by Container and Process ---------------------------------------------------
     def _agent_for(self, action: str, **context: str | None) -> AgentClient:
         self._state.require_running(action, sandbox=self.id, **context)

@@ -174,6 +174,32 @@ class UnixTransport(Transport):
         raise errors.AlreadyExists("a server is already listening", path=str(self.path))
 
 
+class ListeningSocketTransport(Transport):
+    """A unix socket already bound and listening (inherited from a parent, as a shim's ``start``
+    hands it to the long-lived shim): serve it; ``path`` is removed when the listener closes."""
+
+    def __init__(self, sock: socket.socket, path: str | os.PathLike[str] | None = None) -> None:
+        self.sock = sock
+        self.path = Path(path) if path is not None else None
+
+    def __repr__(self) -> str:
+        return f"unix:{self.path or self.sock.fileno()}"
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        raise errors.InvalidArgument("a listening socket cannot connect", transport=repr(self))
+
+    async def listen(self, handle: ConnectionHandler) -> Listener:
+        self.sock.setblocking(False)
+        path = self.path
+
+        def unlink() -> None:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+        return _AcceptLoop(self.sock, handle, repr(self), unlink)
+
+
 class VsockTransport(Transport):
     """AF_VSOCK ``(cid, port)``: connect to a VM's agent, or listen on ``VMADDR_CID_ANY`` in the guest."""
 
