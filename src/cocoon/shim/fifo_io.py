@@ -69,16 +69,17 @@ async def read_some(fd: int) -> bytes:
     """Up to :data:`READ_SIZE` bytes from the non-blocking ``fd`` once epoll says it is readable; b"" at EOF."""
     loop = asyncio.get_running_loop()
     while True:
-        try:
-            return os.read(fd, READ_SIZE)
-        except BlockingIOError:
-            pass
+        # Wait first: read(2) on a fifo no writer has opened yet says EOF; epoll does not say readable.
         ready = loop.create_future()
         loop.add_reader(fd, ready.set_result, None)
         try:
             await ready
         finally:
             loop.remove_reader(fd)
+        try:
+            return os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            continue
 
 
 class ProcessIO:
@@ -88,7 +89,8 @@ class ProcessIO:
         self.name = name
         self.paths = (stdin, stdout, stderr)
         self.terminal = terminal
-        self._fds: list[int] = []
+        self._fds: list[int] = []  # every fd opened, to close
+        self._out_fds: list[int] = []  # stdout, stderr: -1 for a stream nobody reads
         self._in_fd = -1
         self._out: list[asyncio.Task[None]] = []
         self._in: asyncio.Task[None] | None = None
@@ -102,10 +104,10 @@ class ProcessIO:
                 self._in_fd = os.open(stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self._fds.append(self._in_fd)
             for path in (stdout, "" if self.terminal else stderr):
-                if path:
-                    self._fds.append(open_output(path))
-                else:
-                    self._fds.append(-1)
+                fd = open_output(path) if path else -1
+                self._out_fds.append(fd)
+                if fd >= 0:
+                    self._fds.append(fd)
         except OSError as exc:
             self.close()
             raise NotFound(f"cannot open stdio: {exc.strerror}", process=self.name,
@@ -115,10 +117,9 @@ class ProcessIO:
         """Start relaying for ``process`` (it exists in the guest now)."""
         self._process = process
         loop = asyncio.get_running_loop()
-        out_fds = [fd for fd in self._fds if fd != self._in_fd]
         readers: list[Callable[[], Awaitable[bytes]]] = [process.read_stdout, process.read_stderr]
         # A stream nobody asked for (fd -1, or stderr of a terminal) is drained all the same.
-        for fd, read in zip(out_fds, readers, strict=True):
+        for fd, read in zip(self._out_fds or [-1, -1], readers, strict=True):
             self._out.append(loop.create_task(self._pump_out(read, fd), name=f"stdout/err {self.name}"))
         if self._in_fd >= 0:
             self._in = loop.create_task(self._pump_in(process, self._in_fd), name=f"stdin {self.name}")
@@ -175,7 +176,6 @@ class ProcessIO:
             task.cancel()
         self._out, self._in = [], None
         for fd in self._fds:
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fds, self._in_fd = [], -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds, self._out_fds, self._in_fd = [], [], -1
