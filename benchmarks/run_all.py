@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("bench_ttrpc.py", "bench_boot.py", "bench_containers.py")
+BENCHES = ("bench_ttrpc.py", "bench_boot.py", "bench_containers.py", "bench_pods.py")
 
 
 def main() -> int:
