@@ -142,3 +142,31 @@ def test_state_is_fast_and_imports_nothing_heavy(root, bundle):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert "HEAVY []" in out.stderr, out.stderr
     assert os.path.exists(root / "c1")
+
+
+@pytest.mark.parametrize("command", ["create", "run"])
+def test_preserve_fds_with_open_fds_is_refused(root, bundle, command):
+    # Host fds cannot cross into the VM: a caller that really hands some over gets one clear line.
+    r, w = os.pipe()
+    try:
+        # The child sees only this fd open above 2; --preserve-fds covers fds 3 up to it.
+        out = subprocess.run(
+            [sys.executable, "-m", "cocoon.cli.main", "--root", str(root), command, "--preserve-fds", str(w - 2),
+             "--bundle", str(bundle), "c-fds"],
+            capture_output=True, text=True, timeout=60, check=False, pass_fds=(w,),
+        )  # fmt: skip
+    finally:
+        os.close(r)
+        os.close(w)
+    _one_line_error(out, "--preserve-fds", str(w))
+    assert list(root.iterdir()) == []
+
+
+def test_preserve_fds_exec_with_open_fds_is_refused(root):
+    out = subprocess.run(
+        [sys.executable, "-m", "cocoon.cli.main", "--root", str(root), "exec", "--preserve-fds", "1", "c-x", "true"],
+        capture_output=True, text=True, timeout=60, check=False, pass_fds=(0, 1, 2),
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    # fd 3 is not open here: nothing to refuse, so the error is the missing container.
+    _one_line_error(out, "does not exist")

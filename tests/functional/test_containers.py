@@ -51,13 +51,17 @@ def cli(cfg, tmp_path, no_leaks):
     env = {**os.environ, "COCOON_CONFIG": ""}
     c = Cli(root, env)
     yield c
-    # Nothing of any container may survive its test: no state, no mount, no monitor.
+    # Nothing of any container may survive its test: no state, no mount, no socket, no monitor (no_leaks).
     if root.exists():
         left = [p.name for p in root.iterdir() if not p.name.startswith("~")]
         for cid in left:
             c("delete", "--force", cid)
         assert not left, f"leaked containers: {left}"
         assert not mounts_below(root)
+        sockets = [str(p) for p in root.rglob("*") if p.is_socket()]
+        assert not sockets, f"leaked sockets: {sockets}"
+        rest = sorted(p.name for p in root.iterdir())  # ~sock goes with the last delete; no ~deleting.*
+        assert not rest, f"left in the state root: {rest}"
 
 
 def wait_exit(pid: int, timeout: float) -> None:
@@ -79,6 +83,19 @@ def test_run_foreground_stdout_stderr_exit_code(cli, tmp_path):
     assert lines[0] == "hello" and lines[1].endswith("amd64")
     assert "oops" in out.stderr
     assert not (cli.root / "c-run").exists()  # run deletes the container when it exits
+
+
+def test_start_container_hook_runs_in_the_container(cli, tmp_path):
+    # startContainer: in the container's namespaces, after start, before the user process; its path
+    # resolves in the container's rootfs (here: the bundle's busybox, inside the guest).
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "cat /tmp/hooked"])
+    doc = json.loads((bundle / "config.json").read_text())
+    hook = {"path": "/bin/sh", "args": ["sh", "-c", "echo hook-in-$(hostname) > /tmp/hooked"]}
+    doc["hooks"] = {"startContainer": [hook]}
+    (bundle / "config.json").write_text(json.dumps(doc))
+    out = cli("run", "--bundle", str(bundle), "c-hook")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hook-in-cocoon-demo"
 
 
 def test_create_start_exec_pause_kill_delete(cli, tmp_path):
@@ -133,6 +150,35 @@ def test_create_start_exec_pause_kill_delete(cli, tmp_path):
     assert cli.state("c1")["status"] == "stopped"
     assert cli("delete", "c1").returncode == 0
     assert not (cli.root / "c1").exists()
+
+
+def test_events_streams_oom_kill(cli, tmp_path):
+    # dd's 64 MiB buffer in a 32 MiB cgroup: the guest kernel OOM-kills it, the init's status is 137.
+    bundle = make_bundle(tmp_path / "b", ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+    doc = json.loads((bundle / "config.json").read_text())
+    doc["linux"].setdefault("resources", {})["memory"] = {"limit": 32 << 20}
+    (bundle / "config.json").write_text(json.dumps(doc))
+    pid_file = tmp_path / "init.pid"
+    created = cli.detached(tmp_path, "create", "--bundle", str(bundle), "--pid-file", str(pid_file), "c-oom")
+    assert created.returncode == 0, created.stderr
+    events = subprocess.Popen(cli.argv("events", "--interval", "1s", "c-oom"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=cli.env)  # fmt: skip
+    try:
+        assert events.stdout is not None
+        first = json.loads(events.stdout.readline())  # stats printed: the OOM wait is registered
+        assert first["type"] == "stats" and first["id"] == "c-oom"
+        assert cli("start", "c-oom").returncode == 0
+        out, err = events.communicate(timeout=60)  # ends when the container stops
+    finally:
+        events.kill()
+    assert events.returncode == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert {"type": "oom", "id": "c-oom"} in lines, out
+    wait_exit(int(pid_file.read_text()), 30)
+    assert cli.state("c-oom")["status"] == "stopped"
+    # The monitor's exit status (what a runc client's waitpid sees) is recorded in the state file.
+    assert json.loads((cli.root / "c-oom" / "state.json").read_text())["exit_code"] == 137
+    assert cli("delete", "c-oom").returncode == 0
 
 
 def test_vm_killed_under_running_container(cli, tmp_path):

@@ -196,4 +196,6 @@ def test_agent_probe_marker_with_serial_port(built_image: Image, tmp_path: Path,
     assert '"msg":"modules"' in r.console and '"failed":0' in r.console, tail
     assert "cocoon.agent=/dev/vport" in r.console, tail
     assert '"protobuf":"upb"' in r.console, tail
+    # / is a bind of the initramfs with a parent, so crun in the guest can pivot_root(2).
+    assert '"root_attached":true' in r.console, tail
     assert r.exit_code == 0

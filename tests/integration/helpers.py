@@ -188,11 +188,12 @@ def kill_pids(pids: Iterable[int], sig: int = signal.SIGKILL) -> None:
 
 
 def containers_in(root: str | os.PathLike[str]) -> set[str]:
-    """Container ids (and socket dirs, as ``~sock/<hash>``) under a cocoon state root."""
+    """Container ids, socket dirs (``~sock/<hash>``), ``~sock`` itself (removed with the last container)
+    and half-deleted directories (``~deleting.*``) under a cocoon state root."""
     base = Path(root)
     if not base.is_dir():
         return set()
-    names = {p.name for p in base.iterdir() if not p.name.startswith("~")}
+    names = {p.name for p in base.iterdir()}
     sock = base / "~sock"
     if sock.is_dir():
         names |= {f"~sock/{p.name}" for p in sock.iterdir()}

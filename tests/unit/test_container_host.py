@@ -39,12 +39,21 @@ def _bundle(tmp_path, **overrides):
     return oci.load(str(tmp_path))
 
 
+def test_plan_keeps_only_start_container_hooks_for_the_guest(tmp_path):
+    start = {"path": "/bin/sh", "args": ["sh", "-c", "touch /tmp/started"]}
+    spec = _bundle(tmp_path, hooks={"prestart": [{"path": "/bin/true"}], "createRuntime": [{"path": "/bin/true"}],
+                                    "startContainer": [start], "poststart": [{"path": "/bin/true"}]})
+    g = shared.plan(spec, "c1", tmp_path / "share").guest_spec
+    assert g["hooks"] == {"startContainer": [start]}  # crun runs it in the container, in the guest
+    assert spec.raw["hooks"]["prestart"]  # the loaded spec is not mutated
+
+
 def test_plan_rewrites_root_and_bind_mounts_for_the_guest(tmp_path):
     spec = _bundle(tmp_path)
     plan = shared.plan(spec, "c1", tmp_path / "share")
     g = plan.guest_spec
     assert g["root"]["path"] == "/run/cocoon/shared/c1/rootfs"
-    assert "hooks" not in g
+    assert "hooks" not in g  # only poststop: a host hook
     by_dest = {m["destination"]: m for m in g["mounts"]}
     assert by_dest["/data"]["source"].startswith("/run/cocoon/shared/c1/mounts/")
     assert by_dest["/data"]["options"] == ["rbind", "ro"]

@@ -116,6 +116,36 @@ def test_save_of_a_deleted_container_does_not_resurrect_it(store):
     assert not store.exists("c1")
 
 
+def test_last_delete_removes_the_socket_parent(store):
+    for cid in ("c1", "c2"):
+        store.create(_state(cid))
+        sock = store.make_socket_dir(cid)
+        assert os.path.isdir(sock) and stat.S_IMODE(os.stat(sock).st_mode) == 0o700
+    parent = os.path.join(store.root, st.SOCKET_DIR)
+    store.delete("c1")
+    assert os.path.isdir(parent) and not os.path.exists(store.socket_dir("c1"))
+    store.delete("c2")
+    assert os.listdir(store.root) == []  # no ~sock left behind, nothing at all
+
+
+def test_socket_dir_creation_survives_a_concurrent_last_delete(store, monkeypatch):
+    # delete removes ~sock when it is empty; a create that made ~sock a moment before must not fail.
+    parent = os.path.join(store.root, st.SOCKET_DIR)
+    real_mkdir = os.mkdir
+    raced = []
+
+    def mkdir(path, mode=0o777, **kw):
+        real_mkdir(path, mode, **kw)
+        if path == parent and not raced:
+            raced.append(path)
+            os.rmdir(parent)  # the concurrent delete's rmdir, between our two mkdirs
+
+    monkeypatch.setattr(st.os, "mkdir", mkdir)
+    store.create(_state("c1"))
+    sock = store.make_socket_dir("c1")
+    assert raced and os.path.isdir(sock)
+
+
 def test_delete_missing_is_not_found(store):
     with pytest.raises(NotFound) as info:
         store.delete("ghost")

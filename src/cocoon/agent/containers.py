@@ -27,7 +27,7 @@ import shutil
 import signal
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon.agent import cgroups, crun, guestspec, init, mounts
@@ -119,13 +119,7 @@ class ContainerManager:
     def __init__(self, reaper: Reaper, cfg: ManagerConfig | None = None) -> None:
         self.reaper = reaper
         self.cfg = cfg or ManagerConfig()
-        crun_cfg = self.cfg.crun
-        if self.cfg.in_guest and not crun_cfg.no_pivot and mounts.root_is_initramfs():
-            # pivot_root(2) cannot leave the initramfs; see docs/agent.md (a switch_root at early
-            # init would lift this).
-            crun_cfg = replace(crun_cfg, no_pivot=True)
-            log.info("guest root is the initramfs: crun create runs with --no-pivot")
-        self.crun = crun.Crun(reaper, crun_cfg)
+        self.crun = crun.Crun(reaper, self.cfg.crun)
         self._containers: dict[str, Container] = {}
         self._reserved: set[str] = set()
         self._sandbox_storages: list[mounts.Mounted] = []
@@ -256,6 +250,9 @@ class ContainerManager:
 
     def _init_exited(self, c: Container) -> None:
         c.status = Status.STOPPED
+        # An OOM-killed init ends the container now: queue the kill before WaitProcess answers
+        # (this callback runs first), since the host stops the VM right after.
+        self._check_oom(c)
         if not c.init.exit.cancelled() and c.init.exit.exception() is None:
             log.info("container exited", container=c.id, status=c.init.exit.result())
 
@@ -468,12 +465,15 @@ class ContainerManager:
         # container that was OOM-killed before the first GetOOMEvent is still reported.
         while True:
             for c in list(self._containers.values()):
-                n = cgroups.oom_kills(c.cgroup)
-                if n > c.oom_kills:
-                    c.oom_kills = n
-                    log.warning("container hit its memory limit", container=c.id, oom_kills=n)
-                    self._oom_queue.put_nowait(c.id)
+                self._check_oom(c)
             await asyncio.sleep(self.cfg.oom_poll_interval)
+
+    def _check_oom(self, c: Container) -> None:
+        n = cgroups.oom_kills(c.cgroup)
+        if n > c.oom_kills:
+            c.oom_kills = n
+            log.warning("container hit its memory limit", container=c.id, oom_kills=n)
+            self._oom_queue.put_nowait(c.id)
 
 
 def read_pid_file(path: str) -> int:

@@ -26,14 +26,13 @@ CRUN_TIMEOUT = 60.0
 class CrunConfig:
     """Where crun is and keeps its state; ``extra_args`` go before the command (host-mode tests).
 
-    ``no_pivot``: ``create --no-pivot`` (MS_MOVE + chroot instead of pivot_root(2)), needed while
-    the guest's root is the initramfs: the kernel refuses to pivot away from rootfs (EINVAL).
+    ``create`` always uses pivot_root(2), never ``--no-pivot``: the guest's init made ``/`` a
+    mount with a parent (``init.attach_root``), which pivot_root needs.
     """
 
     binary: str = "crun"
     root: str = "/run/crun"
     extra_args: tuple[str, ...] = ()
-    no_pivot: bool = False
 
 
 def base_argv(cfg: CrunConfig, log_file: str | None) -> list[str]:
@@ -46,8 +45,6 @@ def base_argv(cfg: CrunConfig, log_file: str | None) -> list[str]:
 def create_argv(cfg: CrunConfig, cid: str, bundle: str, pid_file: str, *, console_socket: str | None = None,
                 log_file: str | None = None) -> list[str]:
     argv = [*base_argv(cfg, log_file), "create", "--bundle", bundle, "--pid-file", pid_file]
-    if cfg.no_pivot:
-        argv.append("--no-pivot")
     if console_socket:
         argv += ["--console-socket", console_socket]
     return [*argv, cid]

@@ -8,7 +8,8 @@ what cannot mean anything inside the VM:
 * other **namespace paths** name files of the host (``/proc/<pid>/ns/ipc`` of a pause process):
   ``ipc`` and ``uts`` entries with a path are dropped so every container of the sandbox shares
   the VM's (the pod sharing they asked for); other types keep a new namespace of their own;
-* **hooks** are host programs: the host runs them around the VM, never the guest;
+* **hooks** are host programs: the host runs them around the VM, never the guest; except
+  ``startContainer``, which runs in the container's namespaces (kept: crun runs it);
 * **AppArmor/SELinux labels** name host profiles the guest kernel does not have (not enforced:
   the VM is the isolation boundary);
 * **devices** are host device numbers: crun creates the standard set (null, zero, full, tty,
@@ -89,8 +90,15 @@ def adjust_spec(spec: dict[str, Any], container_id: str, cgroups_path: str) -> t
         out["ociVersion"] = GUEST_OCI_VERSION
     out["process"], pnotes = adjust_process(process)
     notes += pnotes
-    if out.pop("hooks", None):
-        notes.append("hooks dropped: they run on the host")
+    hooks = out.pop("hooks", None)
+    if isinstance(hooks, dict):
+        host_kinds = sorted(k for k, v in hooks.items() if v and k != "startContainer")
+        if host_kinds:
+            notes.append(f"hooks {', '.join(host_kinds)} dropped: they run on the host")
+        if hooks.get("startContainer"):
+            out["hooks"] = {"startContainer": hooks["startContainer"]}
+    elif hooks:
+        raise InvalidArgument("hooks must be an object", field="hooks", container=container_id)
     linux = out.setdefault("linux", {})
     if not isinstance(linux, dict):
         raise InvalidArgument("linux must be an object", field="linux", container=container_id)

@@ -41,6 +41,10 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # <sys/mount.h>
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_RELATIME = 0x2, 0x4, 0x8, 0x200000
+MS_BIND, MS_MOVE, MS_REC = 0x1000, 0x2000, 0x4000
+MNT_DETACH = 0x2
+# Where attach_root binds the initramfs before moving it onto / (removed again right after).
+ROOT_BIND_DIR = "/.cocoon-root"
 # <linux/reboot.h>
 RB_POWER_OFF = 0x4321FEDC
 _NOSUID_NODEV = MS_NOSUID | MS_NODEV
@@ -194,6 +198,52 @@ def mount_all(mounts: tuple[Mount, ...] = MOUNTS,
     return done
 
 
+def root_is_detached(mountinfo: str) -> bool:
+    """True when the visible ``/`` in /proc/self/mountinfo text is the kernel's rootfs itself.
+
+    rootfs is its own parent (mount id == parent id), and pivot_root(2) refuses to move a root
+    that is not attached to a parent (EINVAL): crun could only chroot (``--no-pivot``).
+    """
+    root: list[str] = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/":
+            root = fields  # the last mount on / is the visible one
+    return bool(root) and root[0] == root[1]
+
+
+def attach_root(mountinfo: str = "/proc/self/mountinfo", *, release: tuple[str, ...] = ()) -> dict[str, bool]:
+    """Make ``/`` a mount with a parent, so that crun can pivot_root(2) away from it.
+
+    What switch_root does, minus the copy: bind the initramfs onto a directory of itself, move
+    that bind onto ``/`` and chroot into it. The files stay where the kernel unpacked them (no
+    copy into a tmpfs: microseconds instead of copying 25 MB under TCG); the rootfs below is
+    covered by the bind, and a container's root is then a real pivot_root, so a chroot escape
+    inside a container no longer reaches the agent's files. ``release``: mount points to detach
+    first (they would stay behind, hidden, under the bind). Idempotent.
+    """
+    with open(mountinfo) as f:
+        if not root_is_detached(f.read()):
+            return {"attached": False}
+    for target in release:
+        _Libc.call("umount2", target.encode(), MNT_DETACH)
+    os.mkdir(ROOT_BIND_DIR, 0o700)
+    _Libc.call("mount", b"/", ROOT_BIND_DIR.encode(), None, MS_BIND | MS_REC, None)
+    os.chdir(ROOT_BIND_DIR)
+    _Libc.call("mount", b".", b"/", None, MS_MOVE, None)
+    os.chroot(".")
+    os.chdir("/")
+    os.rmdir(ROOT_BIND_DIR)  # the same directory, now an empty one of the bind
+    return {"attached": True}
+
+
+def _attach_root_step() -> dict[str, bool]:
+    # /proc tells whether / is rootfs; the proc mounted just for that is released before the bind.
+    proc = MOUNTS[0]
+    mounted = do_mount(proc)
+    return attach_root(release=(proc.target,) if mounted else ())
+
+
 def enable_cgroup_controllers(root: str = CGROUP_ROOT) -> list[str]:
     """Delegate the wanted controllers to child cgroups of the root; returns what is enabled."""
     with open(f"{root}/cgroup.controllers") as f:
@@ -293,6 +343,11 @@ def setup(*, defer_modules: bool = False) -> dict[str, str]:
     os.umask(0o022)
     # Mount first: /proc/cmdline tells how to log.
     mounted_err: str | None = None
+    attached: bool | str = False
+    try:
+        attached = _attach_root_step()["attached"]
+    except OSError as exc:  # containers then fail at crun create (pivot_root): say why here
+        attached = f"failed: {exc}"
     try:
         mounted = mount_all()
     except CocoonError as exc:
@@ -306,7 +361,7 @@ def setup(*, defer_modules: bool = False) -> dict[str, str]:
     if mounted_err:
         log.error("mount failed", step="mount", error=mounted_err)
     else:
-        log.info("mount", step="mount", mounted=",".join(mounted),
+        log.info("mount", step="mount", mounted=",".join(mounted), root_attached=attached,
                  ms=round((time.monotonic() - t0) * 1000, 1))
     if cmdline.get("cocoon.modules", "1") not in ("0", "off", "no"):
         _step("modules", lambda: load_modules(early=True if defer_modules else None))

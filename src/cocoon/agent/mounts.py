@@ -99,24 +99,6 @@ class Mounted:
     mounted: bool
 
 
-def root_fstype(mountinfo: str) -> str:
-    """The file system type of ``/`` in /proc/self/mountinfo text ("rootfs" on the initramfs)."""
-    fstype = ""
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) > 4 and fields[4] == "/" and " - " in line:
-            fstype = line.split(" - ", 1)[1].split()[0]  # the last mount on / is the visible one
-    return fstype
-
-
-def root_is_initramfs(path: str = "/proc/self/mountinfo") -> bool:
-    try:
-        with open(path) as f:
-            return root_fstype(f.read()) == "rootfs"
-    except OSError:
-        return False
-
-
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 

@@ -49,6 +49,28 @@ def parse_signal(value: str) -> int:
     raise InvalidArgument(f"invalid signal {value!r}", field="signal")
 
 
+def refuse_preserved_fds(count: int, first: int = 3) -> None:
+    """``--preserve-fds N``: host file descriptors cannot cross into the VM.
+
+    runc hands fds 3..3+N-1 to the container (systemd socket activation through podman/conmon).
+    A VM cannot receive them, so if any of them is really open the command fails with one clear
+    line instead of starting a container that misses its sockets. A count with nothing open behind
+    it (a wrapper passing the flag through) changes nothing and is accepted.
+    """
+    open_fds = []
+    for fd in range(first, first + max(0, count)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        open_fds.append(fd)
+    if open_fds:
+        raise InvalidArgument(
+            "--preserve-fds: file descriptors cannot be passed into the container's VM",
+            field="preserve-fds", open_fds=",".join(map(str, open_fds)),
+        )  # fmt: skip
+
+
 # -- create ---------------------------------------------------------------------------------------
 def create(cfg: Config, container_id: str, bundle: str, *, console_socket: str | None = None,
            pid_file: str | None = None) -> int:  # fmt: skip

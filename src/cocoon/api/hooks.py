@@ -6,7 +6,9 @@ Where each runs in Cocoon (the container itself lives in the VM):
   created in the guest, before ``create`` returns (runc runs them at the same point).
 * ``createContainer`` - right after, on the host (runc runs it in the container's mount
   namespace, which is inside the VM here; documented in docs/containers.md).
-* ``startContainer`` - not run: it would have to run inside the guest container.
+* ``startContainer`` - not run here: it runs in the container's namespaces, which are in the
+  guest, so it stays in the guest's spec (:func:`cocoon.storage.shared.plan`) and crun runs it
+  after start, before the user process (its path resolves in the container's rootfs).
 * ``poststart`` - after the user process started; a failure is logged, not fatal.
 * ``poststop`` - at ``delete``; a failure is logged, not fatal.
 """

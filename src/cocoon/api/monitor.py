@@ -26,7 +26,7 @@ from typing import Any
 from cocoon.api import hooks, stdio
 from cocoon.api.state import ContainerState, StateStore, Status, process_start_time, rfc3339_nano
 from cocoon.config import Config
-from cocoon.errors import InvalidArgument
+from cocoon.errors import CocoonError, InvalidArgument, StateError
 from cocoon.log import bind, get_logger
 from cocoon.oci.model import Spec
 
@@ -66,6 +66,8 @@ class Monitor:
         self.server: Any = None
         self.io: stdio.ProcessIO | None = None
         self._exit_status: asyncio.Future[int] | None = None
+        # `events` clients waiting for the next OOM kill (every client sees every kill).
+        self._oom_waiters: list[asyncio.Future[str]] = []
 
     # -- state -----------------------------------------------------------------------------------
     def _save(self, **changes: Any) -> None:
@@ -89,8 +91,7 @@ class Monitor:
                 field="runtime.shared_fs", value=self.cfg.runtime.shared_fs,
             )  # fmt: skip
         state_dir = Path(self.store.dir(self.cid))
-        sock_dir = Path(self.store.socket_dir(self.cid))
-        sock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sock_dir = Path(self.store.make_socket_dir(self.cid))
         stack.callback(_rmdir_quiet, sock_dir)
         plan = shared.plan(self.spec, self.cid, state_dir / "shared")
         share_dir = sync.enter_context(shared.mounted(plan))
@@ -110,6 +111,8 @@ class Monitor:
         hooks.run_hooks("prestart", self.spec.hooks.prestart, self.oci_state())
         hooks.run_hooks("createRuntime", self.spec.hooks.create_runtime, self.oci_state())
         await self.agent.create_container(self.cid, json.dumps(plan.guest_spec).encode())
+        oom_watch = asyncio.create_task(self._watch_oom(), name="oom watch")
+        stack.callback(oom_watch.cancel)
         hooks.run_hooks("createContainer", self.spec.hooks.create_container, self.oci_state())
         await self._start_stdio()
         await self._serve_control(sock_dir / "monitor.sock")
@@ -138,6 +141,7 @@ class Monitor:
             "PauseContainer": self._pause,
             "ResumeContainer": self._resume,
             "DestroySandbox": self._destroy,
+            "GetOOMEvent": self._next_oom,
         }
         from google.protobuf import message_factory
 
@@ -181,6 +185,31 @@ class Monitor:
         self._save(status=Status.RUNNING)
         return empty_pb2.Empty()
 
+    async def _watch_oom(self) -> None:
+        # The only GetOOMEvent caller of this sandbox's agent: it hands each kill to every client.
+        while True:
+            try:
+                cid = await self.agent.get_oom_event()
+            except CocoonError as exc:  # the VM stopped: the container's end is handled by wait()
+                log.debug("oom watch ended", error=str(exc))
+                return
+            log.warning("container hit its memory limit", oom_container=cid)
+            waiters, self._oom_waiters = self._oom_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(cid)
+
+    async def _next_oom(self, request: Any, ctx: Any) -> Any:
+        from cocoon.protocol.gen.agent.v1 import agent_pb2
+
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._oom_waiters.append(waiter)
+        try:
+            return agent_pb2.OOMEvent(container_id=await waiter)
+        finally:
+            if waiter in self._oom_waiters:
+                self._oom_waiters.remove(waiter)
+
     async def _destroy(self, request: Any, ctx: Any) -> Any:
         from google.protobuf import empty_pb2
 
@@ -216,6 +245,10 @@ class Monitor:
 
     async def teardown(self, status: int) -> None:
         self._save(status=Status.STOPPED, exit_code=status, finished_at=rfc3339_nano(time.time_ns()))
+        waiters, self._oom_waiters = self._oom_waiters, []
+        for waiter in waiters:  # `events` clients: no more OOM kills to come
+            if not waiter.done():
+                waiter.set_exception(StateError("container stopped", id=self.cid))
         if self.server is not None:
             # A forwarded call still in flight (say `kill KILL`, answered once crun kill returns,
             # after the init already died) gets its answer before the VM goes away.

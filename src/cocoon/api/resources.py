@@ -12,9 +12,10 @@ import sys
 import time
 from typing import Any
 
-from cocoon.api.container import _call, load
+from cocoon.api.container import _call, _client, load
+from cocoon.api.state import ContainerState, Status
 from cocoon.config import Config
-from cocoon.errors import InvalidArgument
+from cocoon.errors import CocoonError, InvalidArgument
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30}
 
@@ -116,15 +117,66 @@ def stats_event(container_id: str, stats: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def oom_event(container_id: str) -> dict[str, Any]:
+    """runc's event for a container whose cgroup hit its memory limit and had a process killed."""
+    return {"type": "oom", "id": container_id}
+
+
 def events(cfg: Config, container_id: str, *, stats_once: bool, interval: float, out: Any = None) -> None:
-    """Print stats events (once with ``stats_once``, else every ``interval`` until the container stops)."""
+    """Print runc's events: one ``stats`` event with ``stats_once``; else a ``stats`` event every
+    ``interval`` and an ``oom`` event for each OOM kill in the container, until the container stops."""
+    import asyncio
+
     out = out or sys.stdout
-    while True:
-        state = load(cfg, container_id)
-        state.status.require("kill", id=container_id)
-        stats = _call(state, "stats_container", container_id)
-        out.write(json.dumps(stats_event(container_id, stats)) + "\n")
-        out.flush()
-        if stats_once:
-            return
-        time.sleep(interval)
+    state = load(cfg, container_id)
+    state.status.require("kill", id=container_id)  # a live container: created, running or paused
+    if stats_once:
+        _emit(out, stats_event(container_id, _call(state, "stats_container", container_id)))
+        return
+    asyncio.run(_stream(cfg, state, interval, out))
+
+
+def _emit(out: Any, event: dict[str, Any]) -> None:
+    out.write(json.dumps(event) + "\n")
+    out.flush()
+
+
+async def _stream(cfg: Config, state: ContainerState, interval: float, out: Any) -> None:
+    import asyncio
+
+    cid = state.id
+    client = await _client(state)
+    oom: asyncio.Future[str] = asyncio.ensure_future(client.get_oom_event())
+    try:
+        await asyncio.sleep(0)  # the OOM request goes out first: printed stats mean we are listening
+        while True:
+            try:
+                _emit(out, stats_event(cid, await client.stats_container(cid)))
+            except CocoonError:
+                if _stopped(cfg, cid):
+                    return
+                raise
+            deadline = time.monotonic() + interval
+            while (left := deadline - time.monotonic()) > 0:
+                await asyncio.wait({oom}, timeout=left)
+                if not oom.done():
+                    break
+                try:
+                    _emit(out, oom_event(oom.result()))
+                except CocoonError:  # the monitor ends the wait when the container stops
+                    if _stopped(cfg, cid):
+                        return
+                    raise
+                oom = asyncio.ensure_future(client.get_oom_event())
+    finally:
+        if oom.done() and not oom.cancelled():
+            oom.exception()  # retrieved: a failed call after the end is expected
+        oom.cancel()
+        await client.close()
+
+
+def _stopped(cfg: Config, container_id: str) -> bool:
+    try:
+        return load(cfg, container_id).status == Status.STOPPED
+    except CocoonError:  # deleted meanwhile
+        return True

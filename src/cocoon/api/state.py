@@ -367,8 +367,30 @@ class StateStore:
         return os.path.join(self.root, validate_id(id))
 
     def socket_dir(self, id: str) -> str:
-        """A short per-container directory for unix sockets (not created; removed by delete)."""
+        """A short per-container directory for unix sockets (see :meth:`make_socket_dir`; removed by delete)."""
         return os.path.join(self.root, SOCKET_DIR, short_hash(validate_id(id)))
+
+    def make_socket_dir(self, id: str) -> str:
+        """Create the container's socket directory (mode 0700) if needed; its path.
+
+        ``delete`` removes the shared parent (``~sock``) once it is empty, so it may vanish between
+        our two mkdirs: then both are made again. Once ours is inside, the parent is not empty and
+        stays.
+        """
+        path = self.socket_dir(id)
+        parent = os.path.dirname(path)
+        self._ensure_root()
+        for _ in range(100):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent, 0o700)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                return path
+            except FileNotFoundError:
+                continue  # a concurrent last delete removed the empty parent
+            return path
+        raise StateError("cannot create the socket directory", id=id, path=path)
 
     def exists(self, id: str) -> bool:
         return os.path.isdir(self.dir(id))
@@ -454,7 +476,12 @@ class StateStore:
         except FileNotFoundError:
             raise NotFound("container does not exist", id=id) from None
         shutil.rmtree(doomed, ignore_errors=True)
-        shutil.rmtree(self.socket_dir(id), ignore_errors=True)
+        sockets = self.socket_dir(id)
+        shutil.rmtree(sockets, ignore_errors=True)
+        # The last one out removes the parent; rmdir refuses a parent another container still uses
+        # (and make_socket_dir copes with it vanishing under a concurrent create).
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(sockets))
 
     def list(self) -> list[ContainerState]:
         """Every container, sorted by id, as recorded (one small read each).

@@ -6,6 +6,8 @@ import argparse
 
 from cocoon import __version__
 
+PRESERVE_FDS_HELP = "refused if any of fds 3..3+N-1 is open: host fds cannot enter the VM"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -55,7 +57,7 @@ def _runc_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         c.add_argument("--pid-file", default=None, help="write the container's host PID here")
         c.add_argument("--no-pivot", action="store_true", help="accepted (the VM has its own root)")
         c.add_argument("--no-new-keyring", action="store_true", help="accepted (the VM has its own keyrings)")
-        c.add_argument("--preserve-fds", type=int, default=0, help="accepted; extra fds are not passed into the VM")
+        c.add_argument("--preserve-fds", type=int, default=0, help=PRESERVE_FDS_HELP)
         if name == "run":
             c.add_argument("--detach", "-d", action="store_true", help="do not wait for the container")
             c.add_argument("--keep", action="store_true", help="do not delete the container when it exits")
@@ -69,7 +71,7 @@ def _runc_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     ex.add_argument("--cwd", default=None, help="working directory in the container")
     ex.add_argument("--env", "-e", action="append", default=[], help="KEY=VALUE to add to the environment")
     ex.add_argument("--user", "-u", default=None, help="UID[:GID]")
-    ex.add_argument("--preserve-fds", type=int, default=0, help="accepted; extra fds are not passed into the VM")
+    ex.add_argument("--preserve-fds", type=int, default=0, help=PRESERVE_FDS_HELP)
     ex.add_argument("--no-new-privs", action="store_true")
     ex.add_argument("--ignore-paused", action="store_true")
     ex.add_argument("id")
@@ -108,7 +110,7 @@ def _runc_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     up.add_argument("--cpuset-mems", default=None)
     up.add_argument("--pids-limit", type=int, default=None)
     up.add_argument("id")
-    ev = sub.add_parser("events", help="print container statistics as runc's JSON events")
+    ev = sub.add_parser("events", help="print stats and OOM events as runc's JSON events")
     ev.add_argument("--stats", action="store_true", help="print one stats event and exit")
     ev.add_argument("--interval", default="5s", help="time between stats events (e.g. 5s, 500ms)")
     ev.add_argument("id")

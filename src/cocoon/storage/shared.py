@@ -91,7 +91,11 @@ def plan(spec: Spec, container_id: str, share_root: Path) -> SharePlan:
             {**mount, "type": "bind", "source": f"{GUEST_SHARED}/{target}", "options": ["rbind", *options]}
         )
     raw["mounts"] = mounts_out
-    raw.pop("hooks", None)  # hooks run on the host, by us
+    # Host hooks run on the host, by us; startContainer runs in the container's namespaces (its path
+    # resolves in the container's rootfs), which are in the guest: crun runs it there.
+    start = (raw.pop("hooks", None) or {}).get("startContainer")
+    if start:
+        raw["hooks"] = {"startContainer": start}
     return SharePlan(host_dir, tuple(binds), raw)
 
 

@@ -66,6 +66,20 @@ def test_adjust_spec_drops_what_cannot_work_in_the_vm() -> None:
         assert word in text
 
 
+def test_adjust_spec_keeps_start_container_hooks_for_crun() -> None:
+    # startContainer hooks run in the container's namespaces (crun runs them); the others are host programs.
+    spec = host_spec()
+    start = [{"path": "/bin/sh", "args": ["sh", "-c", "echo hi > /tmp/x"], "env": ["A=1"], "timeout": 5}]
+    spec["hooks"] = {"prestart": [{"path": "/usr/bin/netns-hook"}], "startContainer": start,
+                     "poststop": [{"path": "/bin/true"}]}
+    out, notes = guestspec.adjust_spec(spec, "c1", cgroups.cgroups_path("c1"))
+    assert out["hooks"] == {"startContainer": start}
+    assert any("prestart" in n and "poststop" in n and "host" in n for n in notes)
+    spec["hooks"] = {"startContainer": start}
+    out, notes = guestspec.adjust_spec(spec, "c1", cgroups.cgroups_path("c1"))
+    assert out["hooks"] == {"startContainer": start} and not any("hooks" in n for n in notes)
+
+
 def test_adjust_spec_of_a_clean_spec_has_no_notes() -> None:
     spec = default_spec()
     spec["ociVersion"] = "1.0.2-dev"
@@ -303,13 +317,41 @@ def test_storage_round_trip_through_protobuf() -> None:
     assert convert.storage_from_pb(convert.storage_to_pb(s)) == s
 
 
-def test_root_fstype_and_no_pivot() -> None:
-    initramfs = ("1 1 0:2 / / rw - rootfs rootfs rw,size=112444k\n"
-                 "22 1 0:21 / /proc rw,nosuid - proc proc rw\n")
-    assert mounts.root_fstype(initramfs) == "rootfs"
-    switched = initramfs + "40 1 0:35 / / rw,relatime - tmpfs tmpfs rw\n"
-    assert mounts.root_fstype(switched) == "tmpfs"
-    assert mounts.root_fstype("") == ""
-    cfg = crun.CrunConfig(no_pivot=True)
-    assert crun.create_argv(cfg, "c1", "/b", "/b/p")[-6:] == ["--bundle", "/b", "--pid-file", "/b/p", "--no-pivot",
-                                                             "c1"]
+def test_crun_create_never_uses_no_pivot() -> None:
+    # The guest's init makes / a mount with a parent (init.attach_root), so crun can pivot_root(2).
+    assert not hasattr(crun.CrunConfig(), "no_pivot")
+    argv = crun.create_argv(crun.CrunConfig(), "c1", "/b", "/b/p", console_socket="/s")
+    assert "--no-pivot" not in argv
+    assert argv[-7:] == ["create", "--bundle", "/b", "--pid-file", "/b/p", "--console-socket", "/s", "c1"][-7:]
+
+
+def test_oom_kill_is_reported_when_the_init_exits(tmp_path) -> None:
+    # An OOM-killed init ends the container at once: the kill must be queued before its exit status is
+    # answered (the host tears the VM down right after), not left to the next poll of the watcher.
+    import asyncio
+
+    from cocoon.agent.containers import Container, ContainerManager, ManagerConfig, Process
+    from cocoon.agent.stdio import ProcessIO
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        mgr = ContainerManager(reaper=None, cfg=ManagerConfig(in_guest=False, oom_poll_interval=3600))  # type: ignore[arg-type]
+        (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 0\n")
+        io, child = ProcessIO.pipes()
+        child.close()
+        init = Process("", 42, io, loop.create_future())
+        c = Container("c1", str(tmp_path / "b"), str(tmp_path), init, [])
+        init.exit.add_done_callback(lambda _f: mgr._init_exited(c))
+        mgr._containers["c1"] = c
+        waiter = asyncio.ensure_future(mgr.oom_event())
+        for _ in range(3):  # the watcher's first poll (oom_kill 0), then it sleeps for an hour
+            await asyncio.sleep(0)
+        (tmp_path / "memory.events").write_text("low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n")
+        init.exit.set_result(137)
+        await asyncio.sleep(0)
+        assert await asyncio.wait_for(waiter, 1) == "c1"
+        assert c.oom_kills == 1
+        io.close()
+        mgr._oom_task.cancel()  # type: ignore[union-attr]
+
+    asyncio.run(go())

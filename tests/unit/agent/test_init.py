@@ -173,3 +173,43 @@ def test_setup_flow_with_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     init.setup()
     assert "modules:None" not in calls and calls[0] == "mount"
+
+
+INITRAMFS_INFO = ("1 1 0:2 / / rw - rootfs rootfs rw,size=112444k\n"
+                  "22 1 0:21 / /proc rw,nosuid - proc proc rw\n")
+
+
+def test_root_is_detached_on_the_initramfs_only() -> None:
+    # The kernel's rootfs is its own parent: pivot_root(2) refuses to leave it (EINVAL).
+    assert init.root_is_detached(INITRAMFS_INFO)
+    # After attach_root: a bind of the initramfs moved onto / (parent: the hidden rootfs).
+    attached = "40 1 0:2 / / rw - rootfs rootfs rw\n41 40 0:21 / /proc rw - proc proc rw\n"
+    assert not init.root_is_detached(attached)
+    assert not init.root_is_detached(INITRAMFS_INFO + "40 1 0:35 / / rw,relatime - tmpfs tmpfs rw\n")
+    assert not init.root_is_detached("")
+
+
+def test_attach_root_steps_with_fake_syscalls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text(INITRAMFS_INFO)
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(init._Libc, "call", classmethod(lambda cls, *a: calls.append(a)))
+    monkeypatch.setattr(init.os, "mkdir", lambda p, mode=0o777: calls.append(("mkdir", p)))
+    monkeypatch.setattr(init.os, "rmdir", lambda p: calls.append(("rmdir", p)))
+    monkeypatch.setattr(init.os, "chdir", lambda p: calls.append(("chdir", p)))
+    monkeypatch.setattr(init.os, "chroot", lambda p: calls.append(("chroot", p)))
+    assert init.attach_root(str(info)) == {"attached": True}
+    tmp = init.ROOT_BIND_DIR
+    assert calls == [
+        ("mkdir", tmp),
+        ("mount", b"/", tmp.encode(), None, init.MS_BIND | init.MS_REC, None),
+        ("chdir", tmp),
+        ("mount", b".", b"/", None, init.MS_MOVE, None),
+        ("chroot", "."),
+        ("chdir", "/"),
+        ("rmdir", tmp),
+    ]
+    calls.clear()
+    info.write_text("40 1 0:2 / / rw - rootfs rootfs rw\n")
+    assert init.attach_root(str(info)) == {"attached": False}  # idempotent
+    assert calls == []
