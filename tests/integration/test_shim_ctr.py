@@ -49,6 +49,15 @@ def test_run_output_exit_code_and_events_in_order(shim_containerd, cid):
     _nothing_left(c)
 
 
+def test_no_output_lost_at_exit(shim_containerd, cid):
+    # ~1.3 MB written right before the process exits: every byte must reach ctr before the exit.
+    out = shim_containerd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid, "seq", "1", "200000", timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 200000 and lines[-1] == "200000", (len(lines), lines[-3:])
+    _nothing_left(shim_containerd)
+
+
 @pytest.fixture(scope="module")
 def box(shim_containerd):
     c = shim_containerd

@@ -394,3 +394,17 @@ def test_rootfs_mount_failure_leaves_nothing_mounted(tmp_path):
     with pytest.raises(InvalidArgument, match="type"):
         rootfs.mount_rootfs([rootfs.RootfsMount("", "x")], target)
     assert stat.S_ISDIR(target.stat().st_mode)
+
+
+def test_pod_limits_from_annotations_or_resources():
+    from cocoon.shim.tasks import pod_limits
+
+    spec = {"linux": {"resources": {"memory": {"limit": 64 << 20}, "cpu": {"quota": 50000, "period": 100000}}}}
+    assert pod_limits(spec) == (64 << 20, 50000, 100000)
+    spec["annotations"] = {
+        "io.kubernetes.cri.sandbox-memory": str(128 << 20),
+        "io.kubernetes.cri.sandbox-cpu-quota": "x",
+    }
+    assert pod_limits(spec) == (128 << 20, 50000, 100000)
+    assert pod_limits({}) == (0, 0, 0)
+    assert pod_limits({"linux": {"resources": {"memory": {"limit": -1}}}}) == (0, 0, 0)

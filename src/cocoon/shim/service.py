@@ -41,6 +41,7 @@ from cocoon.shim.tasks import (
     PauseProcess,
     ShimProcess,
     Task,
+    pod_limits,
 )
 from cocoon.storage.rootfs import RootfsMount, mount_rootfs, unmount_rootfs
 
@@ -78,11 +79,8 @@ class TaskService:
         log.info("process exited", container=proc.task_id, exec_id=proc.exec_id or None, status=proc.exit_status)
 
     async def _start_sandbox(self, sandbox_id: str, spec: Any) -> Sandbox:
-        resources = spec.raw.get("linux", {}).get("resources", {}) if spec.raw else {}
-        memory = (resources.get("memory") or {}).get("limit") or 0
-        cpu = resources.get("cpu") or {}
-        mem_mib, vcpus = pod_vm_size(self.cfg, memory_limit_bytes=int(memory), cpu_quota=int(cpu.get("quota") or 0),
-                                     cpu_period=int(cpu.get("period") or 0))  # fmt: skip
+        memory, quota, period = pod_limits(spec.raw)
+        mem_mib, vcpus = pod_vm_size(self.cfg, memory_limit_bytes=memory, cpu_quota=quota, cpu_period=period)
         sandbox = Sandbox(self.cfg, sandbox_id, self.state_dir, memory_mib=mem_mib, vcpus=vcpus,
                           hostname=spec.hostname)  # fmt: skip
         await sandbox.start()

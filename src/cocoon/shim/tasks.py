@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,27 @@ UNKNOWN, CREATED, RUNNING, STOPPED, PAUSED = 0, 1, 2, 3, 4
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 
+#: Pod-level limits containerd 1.7+ puts on the sandbox container (1.6 leaves them out).
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+
 ExitCallback = Callable[["ShimProcess"], None]
+
+
+def pod_limits(raw: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(memory bytes, CPU quota, CPU period) of a pod, from its sandbox container's spec: the CRI
+    sandbox annotations where present, else the spec's ``linux.resources``; 0 for "none"."""
+    notes = raw.get("annotations") or {}
+    resources = (raw.get("linux") or {}).get("resources") or {}
+    memory = (resources.get("memory") or {}).get("limit") or 0
+    cpu = resources.get("cpu") or {}
+    values = [memory, cpu.get("quota") or 0, cpu.get("period") or 0]
+    for i, key in enumerate((SANDBOX_MEMORY, SANDBOX_CPU_QUOTA, SANDBOX_CPU_PERIOD)):
+        text = str(notes.get(key, "")).strip()
+        if text.lstrip("-").isdigit():
+            values[i] = int(text)
+    return max(0, int(values[0])), max(0, int(values[1])), max(0, int(values[2]))
 
 
 class ShimProcess:
