@@ -105,27 +105,10 @@ def image_archive(session) -> Path:
     missing = h.missing_binaries("umoci", "skopeo")
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (apt-get install umoci skopeo)")
-    from cocoon.api.bundle import APPLETS, find_busybox
+    from cocoon.api.demo_image import export, make_layout
 
-    work = session.base / "image"
-    layout, unpacked, archive = work / "oci", work / "bundle", work / "busybox.tar"
-    work.mkdir()
-    h.run(["umoci", "init", "--layout", str(layout)], check=True)
-    h.run(["umoci", "new", "--image", f"{layout}:latest"], check=True)
-    h.run(["umoci", "unpack", "--image", f"{layout}:latest", str(unpacked)], check=True)
-    rootfs = unpacked / "rootfs"
-    for sub in ("bin", "proc", "sys", "dev", "etc", "tmp", "root"):
-        (rootfs / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(find_busybox(), rootfs / "bin" / "busybox")
-    for applet in APPLETS:
-        (rootfs / "bin" / applet).symlink_to("busybox")
-    (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
-    (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    h.run(["umoci", "repack", "--image", f"{layout}:latest", str(unpacked)], check=True)
-    h.run(["umoci", "config", "--image", f"{layout}:latest", "--config.cmd", "sh",
-           "--config.env", "PATH=/bin", "--config.workingdir", "/"], check=True)  # fmt: skip
-    h.run(["skopeo", "copy", f"oci:{layout}:latest", f"docker-archive:{archive}:{IMAGE}"], check=True)
-    return archive
+    layout = make_layout(session.base / "image")
+    return export(layout, "latest", IMAGE, session.base / "image" / "busybox.tar")
 
 
 # -- leftovers ------------------------------------------------------------------------------------------

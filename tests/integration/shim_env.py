@@ -29,10 +29,9 @@ RUNTIME = "io.containerd.cocoon.v2"
 
 def pause_archive(layout: Path, out: Path) -> Path:
     """The busybox layout of the session's image, tagged as a pause image (its command is never run)."""
-    h.run(["umoci", "config", "--image", f"{layout}:latest", "--tag", "pause", "--config.cmd", "/bin/sleep",
-           "--config.cmd", "infinity"], check=True)  # fmt: skip
-    h.run(["skopeo", "copy", f"oci:{layout}:pause", f"docker-archive:{out}:{PAUSE_IMAGE}"], check=True)
-    return out
+    from cocoon.api.demo_image import PAUSE_CMD, export
+
+    return export(layout, "pause", PAUSE_IMAGE, out, cmd=PAUSE_CMD)
 
 
 @dataclass
@@ -89,8 +88,8 @@ class ShimContainerd:
         return self.daemon.alive() and self.ctr("version", timeout=10).returncode == 0
 
 
-def make(base: Path) -> ShimContainerd:
-    d = base / "shim"
+def make(base: Path, name: str = "shim") -> ShimContainerd:
+    d = base / name
     d.mkdir()
     (d / "logs").mkdir()
     (d / "cocoon.toml").write_text(f'[runtime]\nroot = "{d}/root"\n')
@@ -114,6 +113,7 @@ def make(base: Path) -> ShimContainerd:
         '    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.cocoon]\n'
         f'      runtime_type = "{RUNTIME}"\n'
         '  [plugins."io.containerd.grpc.v1.cri".cni]\n'
+        '    bin_dir = "/usr/lib/cni"\n'
         f'    conf_dir = "{d}/cni"\n'
     )
     env = {**os.environ, "COCOON_CONFIG": str(d / "cocoon.toml")}

@@ -18,6 +18,7 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 APPLETS = (
     "sh", "echo", "cat", "ls", "sleep", "id", "hostname", "uname", "env", "true", "false", "ps", "mount",
     "head", "tail", "wc", "grep", "printf", "yes", "dd", "date", "kill", "pwd", "mkdir", "rm", "touch", "seq",
+    "ping", "ping6", "nc", "ip", "wget", "sed",
 )  # fmt: skip
 
 
