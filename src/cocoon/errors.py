@@ -21,6 +21,7 @@ Tree::
     ├── CorruptState           a state.json that cannot be read back (id, file)
     ├── ProcessError           a helper process failed (command, exit_code, stderr)
     ├── ImageError             the guest image cannot be built or found
+    ├── NetworkError           the pod's network cannot be found or wired (netns, interface, kind)
     ├── HypervisorError        the VMM failed
     │   └── BootError          the guest did not come up (console tail attached)
     ├── AgentError             the guest agent failed or answered an error
@@ -109,6 +110,10 @@ class ProcessError(CocoonError):
 
 class ImageError(CocoonError):
     """The guest kernel or initrd cannot be found or built."""
+
+
+class NetworkError(CocoonError):
+    """The pod's network namespace holds something we cannot wire to the VM, or wiring failed."""
 
 
 class HypervisorError(CocoonError):

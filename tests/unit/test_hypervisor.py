@@ -173,3 +173,14 @@ def test_abstract_interface_has_no_registry_entry_without_name():
         pass
 
     assert "" not in Hypervisor._registry
+
+
+def test_argv_nic_on_a_passed_tap_fd(tmp_path):
+    from cocoon.hypervisors.base import NetDevice
+
+    nic = NetDevice(id="net0", fd=7, mac="02:11:22:33:44:55", mtu=1400)
+    argv = " ".join(build_argv(_spec(tmp_path, nics=(nic,))))
+    assert "-netdev tap,id=net0,fd=7" in argv
+    assert "-device virtio-net-device,netdev=net0,mac=02:11:22:33:44:55,host_mtu=1400" in argv
+    q35 = " ".join(build_argv(_spec(tmp_path, machine="q35", nics=(nic,))))
+    assert "virtio-net-pci,netdev=net0" in q35

@@ -27,9 +27,10 @@ from cocoon import __version__
 from cocoon.agent import facts, guestspec
 from cocoon.agent.containers import ContainerManager, ManagerConfig
 from cocoon.agent.crun import CrunConfig
+from cocoon.agent.network import GuestNetwork
 from cocoon.agent.reaper import Reaper
 from cocoon.agent.stdio import READ_CHUNK
-from cocoon.errors import CocoonError, InvalidArgument, ProcessError
+from cocoon.errors import CocoonError, InvalidArgument, ProcessError, StateError
 from cocoon.log import get_logger
 from cocoon.protocol import convert
 from cocoon.protocol.gen.agent.v1 import agent_pb2
@@ -122,6 +123,8 @@ class AgentService:
         if request.kernel_modules:
             log.warning("kernel modules on request not supported",
                         modules=",".join(m.name for m in request.kernel_modules))
+        if self.server.in_guest:
+            self.server.network.loopback_up()
         await self.containers.create_sandbox(
             sandbox_id=request.sandbox_id, hostname=request.hostname, dns=list(request.dns),
             storages=[convert.storage_from_pb(s) for s in request.storages])
@@ -200,8 +203,37 @@ class AgentService:
         self.containers.process(request.container_id, request.exec_id).io.resize(request.row, request.column)
         return empty_pb2.Empty()
 
+    # ---- networking (cocoon.agent.network; refused in host mode: it would change the host's)
 
-CAPABILITIES = ("containers", "virtio-fs", "oom-events")
+    def _network(self, action: str) -> Any:
+        if not self.server.in_guest:
+            raise StateError(f"{action}: not in host mode", state="host-mode")
+        return self.server.network
+
+    async def UpdateInterface(self, request: Any, ctx: ServerContext) -> Any:
+        iface = convert.interface_from_pb(request.interface)
+        return convert.interface_to_pb(self._network("update interface").update_interface(iface))
+
+    async def UpdateRoutes(self, request: Any, ctx: ServerContext) -> Any:
+        routes = [convert.route_from_pb(r) for r in request.routes.routes]
+        done = self._network("update routes").update_routes(routes)
+        return agent_pb2.Routes(routes=[convert.route_to_pb(r) for r in done])
+
+    async def AddARPNeighbors(self, request: Any, ctx: ServerContext) -> Any:
+        neighbors = [convert.neighbor_from_pb(n) for n in request.neighbors.neighbors]
+        self._network("add neighbours").add_neighbors(neighbors)
+        return empty_pb2.Empty()
+
+    async def ListInterfaces(self, request: Any, ctx: ServerContext) -> Any:
+        found = self._network("list interfaces").list_interfaces()
+        return agent_pb2.Interfaces(interfaces=[convert.interface_to_pb(i) for i in found])
+
+    async def ListRoutes(self, request: Any, ctx: ServerContext) -> Any:
+        found = self._network("list routes").list_routes()
+        return agent_pb2.Routes(routes=[convert.route_to_pb(r) for r in found])
+
+
+CAPABILITIES = ("containers", "virtio-fs", "oom-events", "network")
 
 
 def _device(d: Any) -> dict[str, Any]:
@@ -232,6 +264,7 @@ class AgentServer:
             run_dir = f"/tmp/cocoon-agent-{os.getpid()}"
             manager = ManagerConfig(run_dir=run_dir, crun=CrunConfig(root=f"{run_dir}/crun"), in_guest=False)
         self.containers = ContainerManager(self.reaper, manager)
+        self.network = GuestNetwork()  # its netlink socket opens on first use
         self.server.register_service(agent_pb2.DESCRIPTOR.services_by_name["Health"], HealthService())
         self.server.register_service(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], AgentService(self))
         self._stop = asyncio.Event()

@@ -20,7 +20,7 @@ from typing import Any, Self
 
 from cocoon.config import Config
 from cocoon.errors import AgentError, BootError, CocoonError
-from cocoon.hypervisors.base import Hypervisor, SharedDir, VMSpec
+from cocoon.hypervisors.base import Hypervisor, NetDevice, SharedDir, VMSpec
 from cocoon.log import bind, get_logger
 
 log = get_logger("api")
@@ -52,6 +52,7 @@ class GuestVM:
         memory_mib: int = 0,
         vcpus: int = 0,
         shared_dirs: tuple[SharedDir, ...] = (),
+        nics: tuple[NetDevice, ...] = (),
     ) -> None:
         self.cfg = cfg
         self.sandbox_id = sandbox_id
@@ -59,6 +60,7 @@ class GuestVM:
         self.memory_mib = memory_mib or cfg.hypervisor.qemu.memory_mib
         self.vcpus = vcpus or cfg.hypervisor.qemu.vcpus
         self.shared_dirs = shared_dirs
+        self.nics = nics
         self.vm: Hypervisor | None = None
         self.agent: Any = None  # cocoon.protocol.agent_client.AgentClient
         self.accel = ""
@@ -83,6 +85,7 @@ class GuestVM:
             memory_mib=self.memory_mib,
             vcpus=self.vcpus,
             shared_dirs=self.shared_dirs,
+            nics=self.nics,
             channel="vsock" if _channel_kind(self.cfg) == "vsock" else "virtio-serial",
             vsock_port=self.cfg.agent.vsock_port,
             kernel_params=tuple(q.kernel_params.split()),

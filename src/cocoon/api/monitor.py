@@ -80,6 +80,7 @@ class Monitor:
     # -- setup -----------------------------------------------------------------------------------
     async def setup(self, stack: AsyncExitStack, sync: ExitStack) -> None:
         """Everything ``create`` must finish before it returns: VM, share, container, hooks."""
+        from cocoon.api import pod_network
         from cocoon.api.guest import GuestVM
         from cocoon.storage import shared
         from cocoon.storage.virtiofs import VirtioFsDaemon
@@ -99,7 +100,10 @@ class Monitor:
             VirtioFsDaemon(share_dir, sock_dir / "vfs.sock", binary=self.cfg.runtime.virtiofsd, tag=shared.SHARE_TAG)
         )
         memory, vcpus = vm_size(self.cfg, self.spec)
-        self.guest = GuestVM(self.cfg, self.cid, sock_dir, memory_mib=memory, vcpus=vcpus, shared_dirs=(share,))
+        netns = pod_network.spec_netns(self.spec)
+        net = await pod_network.attach(stack, self.cfg, netns, sandbox=self.cid) if netns else None
+        self.guest = GuestVM(self.cfg, self.cid, sock_dir, memory_mib=memory, vcpus=vcpus, shared_dirs=(share,),
+                             nics=net.nics if net else ())  # fmt: skip
         await stack.enter_async_context(self.guest)
         self.agent = self.guest.agent
         await self.agent.create_sandbox(
@@ -107,6 +111,8 @@ class Monitor:
             storages=[{"driver": "virtio-fs", "source": shared.SHARE_TAG, "fstype": "virtiofs",
                        "mount_point": shared.GUEST_SHARED}],
         )  # fmt: skip
+        if net is not None:
+            await pod_network.configure_guest(self.agent, net, sandbox=self.cid)
         self._save(pid=os.getpid(), pid_start_time=process_start_time(os.getpid()) or 0)
         hooks.run_hooks("prestart", self.spec.hooks.prestart, self.oci_state())
         hooks.run_hooks("createRuntime", self.spec.hooks.create_runtime, self.oci_state())

@@ -154,6 +154,7 @@ class Sandbox:
         vcpus: int = 0,
         hostname: str = "",
         dns: Sequence[str] = (),
+        netns: str = "",
     ) -> None:
         self.id = validate_id(sandbox_id, "sandbox id")
         self.cfg = cfg
@@ -169,6 +170,7 @@ class Sandbox:
         self.vcpus = vcpus or cfg.hypervisor.qemu.vcpus
         self.hostname = hostname or sandbox_id[:63]
         self.dns = tuple(dns)
+        self.netns = netns  # the pod's network namespace (path): wired to the VM (docs/networking.md)
         self._state = SandboxState.NEW
         self._lock = asyncio.Lock()
         self._stack = AsyncExitStack()
@@ -238,6 +240,7 @@ class Sandbox:
                          vcpus=self.vcpus)  # fmt: skip
 
     async def _start(self) -> None:
+        from cocoon.api import pod_network
         from cocoon.api.guest import GuestVM
         from cocoon.storage import shared
         from cocoon.storage.virtiofs import VirtioFsDaemon
@@ -256,8 +259,9 @@ class Sandbox:
         daemon = VirtioFsDaemon(self._share.root, self.state_dir / "vfs.sock", binary=self.cfg.runtime.virtiofsd,
                                 tag=shared.SHARE_TAG)  # fmt: skip
         share = stack.enter_context(daemon)
+        net = await pod_network.attach(stack, self.cfg, self.netns, sandbox=self.id) if self.netns else None
         guest = GuestVM(self.cfg, self.id, self.state_dir, memory_mib=self.memory_mib, vcpus=self.vcpus,
-                        shared_dirs=(share,))  # fmt: skip
+                        shared_dirs=(share,), nics=net.nics if net else ())  # fmt: skip
         await stack.enter_async_context(guest)
         self._guest, self._agent = guest, guest.agent
         assert self._agent is not None
@@ -267,6 +271,9 @@ class Sandbox:
                 storages=[{"driver": "virtio-fs", "source": shared.SHARE_TAG, "fstype": "virtiofs",
                            "mount_point": shared.GUEST_SHARED}],
             )  # fmt: skip
+        if net is not None:
+            with agent_errors("configure the guest's network", sandbox=self.id):
+                await pod_network.configure_guest(self._agent, net, sandbox=self.id)
 
     async def stop(self) -> None:
         """Remove every container, power the guest off, stop virtiofsd, undo every mount. Idempotent.

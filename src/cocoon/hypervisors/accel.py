@@ -145,6 +145,7 @@ async def choose_accel(
         accel="kvm",
         workdir=probe_dir,
         shared_dirs=(),  # the probe must not take a virtiofsd's one connection
+        nics=(),  # nor the pod's tap queues
         shared_memory=False,
         kernel_params=(*spec.kernel_params, "rdinit=/sbin/bare-init"),
     )

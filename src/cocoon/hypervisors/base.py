@@ -58,6 +58,20 @@ class SharedDir:
 
 
 @dataclass(frozen=True)
+class NetDevice:
+    """A virtio-net NIC backed by an open tap (or macvtap) queue fd the VMM inherits.
+
+    ``mac`` and ``mtu`` are the pod interface's: the guest finds its NIC by that MAC. The fd
+    stays owned by the caller (closed after the VM stopped).
+    """
+
+    id: str
+    fd: int
+    mac: str
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
 class VMSpec:
     """What to boot. Drivers turn this into their own command line."""
 
@@ -78,6 +92,7 @@ class VMSpec:
     boot_timeout: float = 30.0  # seconds until the agent must open its channel
     shared_memory: bool = False  # memfd/shared RAM, needed by vhost-user devices (virtio-fs)
     shared_dirs: tuple[SharedDir, ...] = ()  # virtio-fs shares (imply shared_memory)
+    nics: tuple[NetDevice, ...] = ()  # virtio-net devices on tap fds passed to the VMM
     extra_args: tuple[str, ...] = field(default=())
 
 

@@ -93,6 +93,12 @@ def build_argv(spec: VMSpec) -> list[str]:
             "-chardev", f"socket,id=vfs{i},path={share.socket}",
             "-device", f"vhost-user-fs-{dev},chardev=vfs{i},tag={share.tag},queue-size=1024",
         ]  # fmt: skip
+    for nic in spec.nics:
+        # fd passing: QEMU never opens /dev/net/tun (nor needs to be in the pod's namespace).
+        argv += [
+            "-netdev", f"tap,id={nic.id},fd={nic.fd}",
+            "-device", f"virtio-net-{dev},netdev={nic.id},mac={nic.mac},host_mtu={nic.mtu}",
+        ]  # fmt: skip
     argv += list(spec.extra_args)
     return argv
 
@@ -181,7 +187,8 @@ class QemuVM(Hypervisor):
         argv = build_argv(self.spec)
         self.started_at = time.monotonic()
         with self.qemu_log_path.open("wb") as errlog:
-            self._proc = procs.popen(argv, stdout=errlog, stderr=errlog, die_with_parent=True)
+            self._proc = procs.popen(argv, stdout=errlog, stderr=errlog, die_with_parent=True,
+                                     pass_fds=[nic.fd for nic in self.spec.nics])  # fmt: skip
         log.info("qemu started", sandbox=self.spec.sandbox_id, qemu_pid=self._proc.pid, accel=self.spec.accel)
         self._console_task = asyncio.create_task(self._follow_console())
         await self._connect_qmp()

@@ -26,7 +26,16 @@ from cocoon.protocol.gen.agent.v1 import agent_pb2
 from cocoon.protocol.ttrpc.client import Client
 from cocoon.protocol.ttrpc.errors import DeadlineExceeded, ProtocolError, RPCError
 from cocoon.protocol.ttrpc.transport import Transport
-from cocoon.protocol.types import ContainerStats, GuestDetails, HealthStatus, Storage, VersionInfo
+from cocoon.protocol.types import (
+    ContainerStats,
+    GuestDetails,
+    HealthStatus,
+    NetInterface,
+    NetNeighbor,
+    NetRoute,
+    Storage,
+    VersionInfo,
+)
 
 AGENT_SERVICE = "cocoon.agent.v1.AgentService"
 HEALTH_SERVICE = "cocoon.agent.v1.Health"
@@ -239,6 +248,40 @@ class AgentClient:
         reply: Any = await self._call_agent("GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent,
                                             timeout)
         return str(reply.container_id)
+
+    # ---- networking
+
+    async def update_interface(self, interface: NetInterface, *, timeout: float | None = None) -> NetInterface:
+        """AgentService.UpdateInterface: the guest NIC with ``interface.hw_addr`` gets its name, MTU and
+        exactly its addresses, and is brought up; the interface as the guest then has it."""
+        request = agent_pb2.UpdateInterfaceRequest(interface=convert.interface_to_pb(interface))
+        reply: Any = await self._call_agent("UpdateInterface", request, agent_pb2.Interface, timeout)
+        return convert.interface_from_pb(reply)
+
+    async def update_routes(self, routes: Sequence[NetRoute], *, timeout: float | None = None) -> tuple[NetRoute, ...]:
+        """AgentService.UpdateRoutes: the main table's routes become ``routes`` (the kernel's own
+        prefix routes stay); the routes as the guest then has them."""
+        pb_routes = agent_pb2.Routes(routes=[convert.route_to_pb(r) for r in routes])
+        request = agent_pb2.UpdateRoutesRequest(routes=pb_routes)
+        reply: Any = await self._call_agent("UpdateRoutes", request, agent_pb2.Routes, timeout)
+        return tuple(convert.route_from_pb(r) for r in reply.routes)
+
+    async def add_arp_neighbors(self, neighbors: Sequence[NetNeighbor], *, timeout: float | None = None) -> None:
+        """AgentService.AddARPNeighbors: static neighbour entries (IPv4 ARP and IPv6 NDP)."""
+        request = agent_pb2.AddARPNeighborsRequest(
+            neighbors=agent_pb2.ARPNeighbors(neighbors=[convert.neighbor_to_pb(n) for n in neighbors]))
+        await self._call_agent("AddARPNeighbors", request, empty_pb2.Empty, timeout)
+
+    async def list_interfaces(self, *, timeout: float | None = None) -> tuple[NetInterface, ...]:
+        """AgentService.ListInterfaces: every interface of the guest (loopback included)."""
+        reply: Any = await self._call_agent("ListInterfaces", agent_pb2.ListInterfacesRequest(),
+                                            agent_pb2.Interfaces, timeout)
+        return tuple(convert.interface_from_pb(i) for i in reply.interfaces)
+
+    async def list_routes(self, *, timeout: float | None = None) -> tuple[NetRoute, ...]:
+        """AgentService.ListRoutes: the guest's main routing table, both families."""
+        reply: Any = await self._call_agent("ListRoutes", agent_pb2.ListRoutesRequest(), agent_pb2.Routes, timeout)
+        return tuple(convert.route_from_pb(r) for r in reply.routes)
 
 
 def _json_bytes(value: Mapping[str, Any] | bytes) -> bytes:

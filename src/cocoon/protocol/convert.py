@@ -17,7 +17,12 @@ from cocoon.protocol.types import (
     GuestDetails,
     HealthStatus,
     IoDeviceStats,
+    IPAddress,
+    IPFamily,
     MemoryStats,
+    NetInterface,
+    NetNeighbor,
+    NetRoute,
     NetworkStats,
     PidsStats,
     Storage,
@@ -178,3 +183,73 @@ def stats_from_pb(message: Any) -> ContainerStats:
         ),
     )
 
+
+
+# ---- networking
+
+
+def _family_to_pb(family: IPFamily) -> Any:
+    return agent_pb2.V6 if family is IPFamily.V6 else agent_pb2.V4
+
+
+def _family_from_pb(value: int) -> IPFamily:
+    return IPFamily.V6 if value == agent_pb2.V6 else IPFamily.V4
+
+
+def ip_address_to_pb(addr: IPAddress) -> Any:
+    return agent_pb2.IPAddress(family=_family_to_pb(addr.family), address=addr.address, mask=str(addr.prefix_len))
+
+
+def ip_address_from_pb(message: Any) -> IPAddress:
+    """agent_pb2.IPAddress -> IPAddress; a mask that is not a decimal prefix length is InvalidArgument."""
+    from cocoon.errors import InvalidArgument
+
+    mask = str(message.mask)
+    if not mask.isdigit() or int(mask) > (128 if ":" in message.address else 32):
+        raise InvalidArgument("bad prefix length", field="mask", value=mask, address=str(message.address))
+    return IPAddress(address=str(message.address), prefix_len=int(mask))
+
+
+def interface_to_pb(iface: NetInterface) -> Any:
+    """NetInterface -> agent_pb2.Interface."""
+    return agent_pb2.Interface(
+        device=iface.device, name=iface.name, hw_addr=iface.hw_addr, mtu=iface.mtu, type=iface.kind,
+        raw_flags=iface.flags, ip_addresses=[ip_address_to_pb(a) for a in iface.addresses],
+    )  # fmt: skip
+
+
+def interface_from_pb(message: Any) -> NetInterface:
+    """agent_pb2.Interface -> NetInterface."""
+    return NetInterface(
+        name=str(message.name), hw_addr=str(message.hw_addr).lower(), mtu=int(message.mtu),
+        addresses=tuple(ip_address_from_pb(a) for a in message.ip_addresses), kind=str(message.type),
+        device=str(message.device), flags=int(message.raw_flags),
+    )  # fmt: skip
+
+
+def route_to_pb(route: NetRoute) -> Any:
+    """NetRoute -> agent_pb2.Route."""
+    return agent_pb2.Route(dest=route.dest, gateway=route.gateway, device=route.device, source=route.source,
+                           scope=route.scope, family=_family_to_pb(route.family))  # fmt: skip
+
+
+def route_from_pb(message: Any) -> NetRoute:
+    """agent_pb2.Route -> NetRoute."""
+    return NetRoute(dest=str(message.dest), family=_family_from_pb(message.family), gateway=str(message.gateway),
+                    device=str(message.device), source=str(message.source), scope=int(message.scope))  # fmt: skip
+
+
+def neighbor_to_pb(neighbor: NetNeighbor) -> Any:
+    """NetNeighbor -> agent_pb2.ARPNeighbor."""
+    family = IPFamily.V6 if ":" in neighbor.ip else IPFamily.V4
+    prefix = 128 if family is IPFamily.V6 else 32
+    return agent_pb2.ARPNeighbor(
+        to_ip_address=agent_pb2.IPAddress(family=_family_to_pb(family), address=neighbor.ip, mask=str(prefix)),
+        device=neighbor.device, lladdr=neighbor.lladdr, state=neighbor.state, flags=neighbor.flags,
+    )  # fmt: skip
+
+
+def neighbor_from_pb(message: Any) -> NetNeighbor:
+    """agent_pb2.ARPNeighbor -> NetNeighbor."""
+    return NetNeighbor(ip=str(message.to_ip_address.address), lladdr=str(message.lladdr).lower(),
+                       device=str(message.device), state=int(message.state), flags=int(message.flags))  # fmt: skip

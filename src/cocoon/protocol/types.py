@@ -131,3 +131,77 @@ class ContainerStats:
     io: tuple[IoDeviceStats, ...] = ()
     network: tuple[NetworkStats, ...] = ()
 
+
+
+# ---- networking (the pod's interfaces as the host found them and the guest configures them)
+
+
+class IPFamily(enum.IntEnum):
+    """Address family of an address or a route."""
+
+    V4 = 4
+    V6 = 6
+
+
+@dataclass(frozen=True, slots=True)
+class IPAddress:
+    """One address of an interface: ``10.88.0.5`` with prefix length 16."""
+
+    address: str
+    prefix_len: int
+
+    @property
+    def family(self) -> IPFamily:
+        return IPFamily.V6 if ":" in self.address else IPFamily.V4
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefix_len}"
+
+
+@dataclass(frozen=True, slots=True)
+class NetInterface:
+    """A network interface: the pod's (found by the host) or the guest's (configured by the agent).
+
+    The guest finds its NIC by ``hw_addr`` (the VM's NIC has the pod interface's MAC) and gives
+    it ``name``, ``mtu`` and exactly ``addresses`` (IPv6 link-local ones are the kernel's).
+    ``kind`` is informational (``veth``, ``macvlan``, ``ipvlan`` on the host; empty in the guest).
+    """
+
+    name: str
+    hw_addr: str
+    mtu: int
+    addresses: tuple[IPAddress, ...] = ()
+    kind: str = ""
+    device: str = ""  # the name it had when found in the guest (UpdateInterface may rename it)
+    flags: int = 0  # IFF_* flags, as read
+
+
+@dataclass(frozen=True, slots=True)
+class NetRoute:
+    """A route of the main table. ``dest`` is a network in CIDR form (``0.0.0.0/0``, ``::/0`` for default)."""
+
+    dest: str
+    family: IPFamily
+    gateway: str = ""
+    device: str = ""
+    source: str = ""
+    scope: int = 0  # RT_SCOPE_*: 0 universe, 253 link, 254 host
+
+    @property
+    def is_default(self) -> bool:
+        return self.dest in ("0.0.0.0/0", "::/0")
+
+
+#: NUD_PERMANENT: a static neighbour entry.
+NUD_PERMANENT = 0x80
+
+
+@dataclass(frozen=True, slots=True)
+class NetNeighbor:
+    """A static neighbour (ARP or NDP) entry: ``ip`` is at ``lladdr`` on ``device``."""
+
+    ip: str
+    lladdr: str
+    device: str
+    state: int = NUD_PERMANENT
+    flags: int = 0

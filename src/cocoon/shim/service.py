@@ -81,8 +81,11 @@ class TaskService:
     async def _start_sandbox(self, sandbox_id: str, spec: Any) -> Sandbox:
         memory, quota, period = pod_limits(spec.raw)
         mem_mib, vcpus = pod_vm_size(self.cfg, memory_limit_bytes=memory, cpu_quota=quota, cpu_period=period)
+        from cocoon.api.pod_network import spec_netns
+
+        # The pod's network namespace (made by CRI's CNI plugins): its interfaces are wired to the VM.
         sandbox = Sandbox(self.cfg, sandbox_id, self.state_dir, memory_mib=mem_mib, vcpus=vcpus,
-                          hostname=spec.hostname)  # fmt: skip
+                          hostname=spec.hostname, netns=spec_netns(spec))  # fmt: skip
         await sandbox.start()
         self.sandbox = sandbox
         self._oom = asyncio.get_running_loop().create_task(self._watch_oom(sandbox), name="oom events")
