@@ -7,6 +7,7 @@ traffic leaves them.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import threading
@@ -69,6 +70,25 @@ def test_discover_bad_namespace_paths(tmp_path):
     # The host's own namespace is never wired (its interfaces would vanish into a VM).
     with pytest.raises(InvalidArgument, match="host's own"):
         discover(f"/proc/{os.getpid()}/ns/net")
+
+
+def test_a_spec_naming_the_host_namespace_gets_no_wiring(tmp_path):
+    # `docker run --network host` names the host's namespace: the VM keeps its own stack instead.
+    from cocoon.api.bundle import make_bundle
+    from cocoon.api.pod_network import spec_netns
+    from cocoon.oci.spec import load
+
+    bundle = make_bundle(tmp_path / "b", ["true"])
+    config = json.loads((bundle / "config.json").read_text())
+    namespaces = [ns for ns in config["linux"]["namespaces"] if ns["type"] != "network"]
+    config["linux"]["namespaces"] = namespaces
+    namespaces.append({"type": "network", "path": f"/proc/{os.getpid()}/ns/net"})
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert spec_netns(load(bundle)) == ""
+    namespaces[-1]["path"] = str(tmp_path / "gone")
+    (bundle / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NotFound, match="network namespace not found"):
+        spec_netns(load(bundle))
 
 
 # -- wiring (no VM) ------------------------------------------------------------------------------

@@ -51,9 +51,18 @@ class PodNetwork:
 
 
 def spec_netns(spec: Spec) -> str:
-    """The network namespace path a container's OCI spec names ("" if none: no network to wire)."""
+    """The network namespace path a container's OCI spec names: "" if none, or if it is the host's
+    own (``docker --network host``): a VM cannot share the host's network stack, it keeps its own
+    (loopback only) and nothing of the host is touched."""
+    from cocoon.network.netns import is_host_netns
+
     ns = spec.linux.network_namespace if spec.linux is not None else None
-    return ns.path if ns is not None else ""
+    if ns is None or not ns.path:
+        return ""
+    if is_host_netns(ns.path):
+        log.info("host network asked for: the VM keeps its own network stack", netns=ns.path)
+        return ""
+    return ns.path
 
 
 async def attach(stack: AsyncExitStack, cfg: Config, netns: str, *, sandbox: str = "") -> PodNetwork:

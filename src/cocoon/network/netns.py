@@ -83,14 +83,19 @@ def run_in_netns(path: str, fn: Callable[[], T], *, what: str = "netns call") ->
     return result[0]
 
 
-def refuse_host_netns(path: str) -> None:
-    """InvalidArgument if ``path`` is this process's own network namespace: wiring it would hand
-    the host's interfaces to a VM."""
+def is_host_netns(path: str) -> bool:
+    """True if ``path`` is this process's own network namespace (the host's); NotFound if missing."""
     try:
         target, own = os.stat(path), os.stat("/proc/self/ns/net")
     except FileNotFoundError:
         raise NotFound("network namespace not found", netns=path) from None
-    if (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino):
+    return (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino)
+
+
+def refuse_host_netns(path: str) -> None:
+    """InvalidArgument if ``path`` is this process's own network namespace: wiring it would hand
+    the host's interfaces to a VM."""
+    if is_host_netns(path):
         raise InvalidArgument("the pod's network namespace is the host's own: refusing to wire it", netns=path)
 
 
