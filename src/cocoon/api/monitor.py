@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable
-from contextlib import AsyncExitStack, ExitStack
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +37,13 @@ VM_DIED_STATUS = 137
 
 def vm_size(cfg: Config, spec: Spec) -> tuple[int, int]:
     """Guest memory (MiB) and vCPUs: the configured base plus the container's limits (as Kata does)."""
-    q = cfg.hypervisor.qemu
-    memory, vcpus = q.memory_mib, q.vcpus
+    from cocoon.api.sandbox import pod_vm_size
+
     res = spec.linux.resources if spec.linux else None
-    if res is not None:
-        if res.memory.limit and res.memory.limit > 0:
-            memory += -(-res.memory.limit // (1 << 20))
-        if res.cpu.quota and res.cpu.period and res.cpu.quota > 0:
-            vcpus = max(vcpus, min(os.cpu_count() or 1, -(-res.cpu.quota // res.cpu.period)))
-    return memory, vcpus
+    if res is None:
+        return pod_vm_size(cfg)
+    return pod_vm_size(cfg, memory_limit_bytes=res.memory.limit or 0, cpu_quota=res.cpu.quota or 0,
+                       cpu_period=res.cpu.period or 0)  # fmt: skip
 
 
 class Monitor:
@@ -61,7 +58,6 @@ class Monitor:
         self.spec = spec
         self.console_socket = console_socket
         self.cid = state.id
-        self.guest: Any = None
         self.agent: Any = None
         self.server: Any = None
         self.io: stdio.ProcessIO | None = None
@@ -78,12 +74,11 @@ class Monitor:
         return self.state.to_oci_state()
 
     # -- setup -----------------------------------------------------------------------------------
-    async def setup(self, stack: AsyncExitStack, sync: ExitStack) -> None:
-        """Everything ``create`` must finish before it returns: VM, share, container, hooks."""
+    async def setup(self, stack: AsyncExitStack) -> None:
+        """Everything ``create`` must finish before it returns: the sandbox (share, virtiofsd, network,
+        VM), the container in it, hooks, stdio and the control socket."""
         from cocoon.api import pod_network
-        from cocoon.api.guest import GuestVM
-        from cocoon.storage import shared
-        from cocoon.storage.virtiofs import VirtioFsDaemon
+        from cocoon.api.sandbox import Sandbox
 
         if self.cfg.runtime.shared_fs != "virtio-fs":
             # virtio-9p would need a guest kernel with 9p (Debian's cloud kernel has none): not yet.
@@ -91,32 +86,20 @@ class Monitor:
                 "runtime.shared_fs must be virtio-fs (virtio-9p is not supported yet)",
                 field="runtime.shared_fs", value=self.cfg.runtime.shared_fs,
             )  # fmt: skip
-        state_dir = Path(self.store.dir(self.cid))
+        # Sockets in the short socket directory; the share in the container's directory, where
+        # `delete` looks for mounts a SIGKILLed monitor left.
         sock_dir = Path(self.store.make_socket_dir(self.cid))
         stack.callback(_rmdir_quiet, sock_dir)
-        plan = shared.plan(self.spec, self.cid, state_dir / "shared")
-        share_dir = sync.enter_context(shared.mounted(plan))
-        share = sync.enter_context(
-            VirtioFsDaemon(share_dir, sock_dir / "vfs.sock", binary=self.cfg.runtime.virtiofsd, tag=shared.SHARE_TAG)
-        )
         memory, vcpus = vm_size(self.cfg, self.spec)
-        netns = pod_network.spec_netns(self.spec)
-        net = await pod_network.attach(stack, self.cfg, netns, sandbox=self.cid) if netns else None
-        self.guest = GuestVM(self.cfg, self.cid, sock_dir, memory_mib=memory, vcpus=vcpus, shared_dirs=(share,),
-                             nics=net.nics if net else ())  # fmt: skip
-        await stack.enter_async_context(self.guest)
-        self.agent = self.guest.agent
-        await self.agent.create_sandbox(
-            hostname=self.spec.hostname or self.cid[:63],
-            storages=[{"driver": "virtio-fs", "source": shared.SHARE_TAG, "fstype": "virtiofs",
-                       "mount_point": shared.GUEST_SHARED}],
-        )  # fmt: skip
-        if net is not None:
-            await pod_network.configure_guest(self.agent, net, sandbox=self.cid)
+        sandbox = Sandbox(self.cfg, self.cid, sock_dir, memory_mib=memory, vcpus=vcpus,
+                          hostname=self.spec.hostname or self.cid[:63], netns=pod_network.spec_netns(self.spec),
+                          share_dir=Path(self.store.dir(self.cid)) / "shared")  # fmt: skip
+        await stack.enter_async_context(sandbox)
+        self.agent = sandbox.agent
         self._save(pid=os.getpid(), pid_start_time=process_start_time(os.getpid()) or 0)
         hooks.run_hooks("prestart", self.spec.hooks.prestart, self.oci_state())
         hooks.run_hooks("createRuntime", self.spec.hooks.create_runtime, self.oci_state())
-        await self.agent.create_container(self.cid, json.dumps(plan.guest_spec).encode())
+        await sandbox.create_container(self.cid, self.spec)
         oom_watch = asyncio.create_task(self._watch_oom(), name="oom watch")
         stack.callback(oom_watch.cancel)
         hooks.run_hooks("createContainer", self.spec.hooks.create_container, self.oci_state())
@@ -280,10 +263,10 @@ async def run_monitor(
 ) -> int:
     """The monitor's whole life; reports set-up success or failure through ``ready``."""
     monitor = Monitor(cfg, store, state, spec, console_socket)
-    with bind(container=state.id), ExitStack() as sync:
+    with bind(container=state.id):
         async with AsyncExitStack() as stack:
             try:
-                await monitor.setup(stack, sync)
+                await monitor.setup(stack)
             except BaseException as exc:
                 ready(exc)
                 raise

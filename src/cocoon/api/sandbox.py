@@ -141,7 +141,9 @@ class Sandbox:
     ``memory_mib``/``vcpus`` size the VM (0: the configured ``[hypervisor.qemu]`` values). The pod's
     limits, not each container's, should size it: see :func:`pod_vm_size`. Container limits are
     applied to their cgroups inside the guest. ``hostname`` (default: the sandbox id) and ``dns``
-    (``resolv.conf`` lines or bare server addresses) are the guest's.
+    (``resolv.conf`` lines or bare server addresses) are the guest's. ``netns``: the pod's network
+    namespace (path), whose interfaces are wired to the VM (docs/networking.md). ``share_dir``: where
+    the share lives instead of ``<state_dir>/shared`` (a path that must not exist yet).
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class Sandbox:
         hostname: str = "",
         dns: Sequence[str] = (),
         netns: str = "",
+        share_dir: Path | None = None,
     ) -> None:
         self.id = validate_id(sandbox_id, "sandbox id")
         self.cfg = cfg
@@ -174,7 +177,7 @@ class Sandbox:
         self._state = SandboxState.NEW
         self._lock = asyncio.Lock()
         self._stack = AsyncExitStack()
-        self._share = PodShare(self.state_dir / "shared")
+        self._share = PodShare(Path(os.path.abspath(share_dir)) if share_dir else self.state_dir / "shared")
         self._guest: GuestVM | None = None
         self._agent: AgentClient | None = None
         self._containers: dict[str, Container] = {}
@@ -195,6 +198,15 @@ class Sandbox:
     def share_dir(self) -> Path:
         """The host directory exported to the guest (``/run/cocoon/shared`` there)."""
         return self._share.root
+
+    @property
+    def agent(self) -> AgentClient | None:
+        """The guest agent's client while the sandbox runs, else None.
+
+        Low level: for a caller that speaks the agent API itself (the CLI's monitor relays it to
+        later commands). Containers made through it behind the sandbox's back are not tracked.
+        """
+        return self._agent_or_none()
 
     @property
     def boot_times(self) -> BootTimes | None:
