@@ -78,11 +78,14 @@ def test_plan_refuses_missing_sources(tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
-def test_mounted_binds_and_undoes_everything(tmp_path):
+def test_share_binds_and_undoes_everything(tmp_path):
+    from cocoon.api.pod_share import PodShare
+
     spec = _bundle(tmp_path)
     (spec.root.path / "marker").write_text("x")
-    plan = shared.plan(spec, "c1", tmp_path / "share")
-    with shared.mounted(plan) as host_dir:
+    share = PodShare(tmp_path / "share")
+    with share as host_dir:
+        plan = share.add(spec, "c1")
         assert (host_dir / "c1/rootfs/marker").read_text() == "x"
         hosts_target = next(b.target for b in plan.binds if b.source == tmp_path / "hosts")
         assert (host_dir / hosts_target).read_text().startswith("127.0.0.1")

@@ -2,17 +2,14 @@
 
 One virtio-fs share per sandbox (tag ``cocoon``, mounted at ``/run/cocoon/shared`` in the
 guest) carries everything of the host a container needs: its rootfs and the sources
-of its bind mounts, bind-mounted under ``<state dir>/shared/<container id>/`` before
-virtiofsd starts (so virtiofsd's own mount namespace sees them). :func:`plan` is pure
-(the spec rewrite, unit-tested); :func:`mounted` makes the bind mounts and always
-unmounts them.
+of its bind mounts, bind-mounted under ``<share>/<container id>/``. :func:`plan` is pure
+(the spec rewrite, unit-tested); :class:`cocoon.api.pod_share.PodShare` makes the bind mounts
+(also while virtiofsd serves the share) and always undoes them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,19 +96,6 @@ def plan(spec: Spec, container_id: str, share_root: Path) -> SharePlan:
     return SharePlan(host_dir, tuple(binds), raw)
 
 
-def _mount_bind(source: Path, target: Path, readonly: bool) -> None:
-    # Built detached with the new mount API: read-only reaches every submount (a `remount,bind,ro`
-    # would cover only the top one) and the copies in virtiofsd's mount namespace.
-    from cocoon.storage.mounts import attach_bind
-
-    attach_bind(source, target, readonly=readonly)
-
-
-def _umount(target: Path) -> None:
-    # Lazy: virtiofsd may still hold it for a moment; the kernel finishes once it lets go.
-    run(["umount", "-R", "-l", str(target)], check=False)
-
-
 def make_placeholder(path: Path, is_dir: bool, root: Path) -> list[Path]:
     """Create ``path`` (a directory, or an empty file to bind a file on) and its missing parents up to
     ``root``; returns what was created, outermost first, so that exactly that can be removed later."""
@@ -142,40 +126,6 @@ def mounts_below(path: Path) -> list[str]:
             if point == str(path) or point.startswith(prefix):
                 found.append(point)
     return found
-
-
-@contextlib.contextmanager
-def mounted(share: SharePlan) -> Iterator[Path]:
-    """Make the share's bind mounts; undo every one of them on exit, whatever happened.
-
-    Removal never recurses: only the placeholders and directories created here are removed,
-    and only once nothing is mounted below the share any more, so a failed unmount can never
-    reach into a container's rootfs or volume.
-    """
-    created: list[Path] = []
-    mounted_targets: list[Path] = []
-
-    try:
-        created += make_placeholder(share.host_dir, True, share.host_dir)
-        for bind in share.binds:
-            target = share.host_dir / bind.target
-            created += make_placeholder(target, bind.is_dir, share.host_dir)
-            _mount_bind(bind.source, target, bind.readonly)
-            mounted_targets.append(target)
-        yield share.host_dir
-    finally:
-        for target in reversed(mounted_targets):
-            _umount(target)
-        left = mounts_below(share.host_dir)
-        if left:
-            log.error("share still has mounts: left in place", path=str(share.host_dir), mounts=",".join(left))
-        else:
-            for path in reversed(created):
-                with contextlib.suppress(OSError):
-                    if path.is_dir():
-                        path.rmdir()  # never recursive: fails on anything not ours
-                    else:
-                        path.unlink()
 
 
 def unmount_all_below(path: str | Path) -> None:
