@@ -53,6 +53,7 @@ class QemuConfig:
     boot_timeout: float = 30.0  # seconds until the agent must answer
     shutdown_timeout: float = 5.0  # seconds a graceful stop may take before SIGKILL
     kvm_probe_timeout: float = 8.0
+    hotplug_slots: int = 0  # PCIe root ports for NICs added while the VM runs; 0: no hot-plug
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,21 @@ def test_wiring_delivers_frames_and_is_undone(model):
         assert qdiscs_of(net.pod) == []
 
 
+def test_two_pods_macvtaps_each_get_their_own_queue():
+    # ifindexes are per namespace, /dev/tap<ifindex> is not: equal namespaces must not share a node.
+    with pod_network("mta") as a, pod_network("mtb") as b:
+        with wired(discover(a.pod_path), "macvtap") as nics_a, wired(discover(b.pod_path), "macvtap") as nics_b:
+            rdev_a, rdev_b = os.fstat(nics_a[0].fd).st_rdev, os.fstat(nics_b[0].fd).st_rdev
+            assert rdev_a != rdev_b
+            pinger = _ping_from_peer(b)
+            pinger.start()
+            ready, _, _ = select.select([nics_b[0].fd], [], [], 5)
+            assert ready, "b's frames must reach b's queue"
+            assert select.select([nics_a[0].fd], [], [], 0.5)[0] == [], "and never a's"
+            pinger.join(5)
+        assert set(links_of(a.pod)) == set(links_of(b.pod)) == {"lo", "eth0"}
+
+
 def test_tap_that_cannot_be_created_leaves_nothing():
     with pod_network("tapbusy") as net:
         # Two pod interfaces; the second's tap name is taken (a veth called tap1_cocoon, its end

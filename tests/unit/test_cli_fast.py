@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -47,8 +48,10 @@ def test_state_does_not_import_argparse(tmp_path) -> None:
             "heavy = ('argparse', 'typing', 'shutil', 'cocoon.config', 'google.protobuf'); "
             "bad = [m for m in heavy if m in sys.modules]; "
             "print('IMPORTED', bad, file=sys.stderr); sys.exit(rc)")
+    # Without coverage's subprocess hook (pytest --cov sets it up; it imports typing itself).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COV_CORE_", "COVERAGE_"))}
     out = subprocess.run([sys.executable, "-c", code, "--root", str(store.root), "state", "c1"], capture_output=True,
-                         text=True, check=False, timeout=30)  # fmt: skip
+                         text=True, check=False, timeout=30, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["id"] == "c1"
     assert "IMPORTED []" in out.stderr

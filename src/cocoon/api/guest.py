@@ -93,6 +93,7 @@ class GuestVM:
             binary=q.path,
             tcg_tb_size_mib=q.tcg_tb_size_mib,
             boot_timeout=q.boot_timeout,
+            hotplug_slots=q.hotplug_slots,
         )
         choice = await choose_accel(
             q.accel,

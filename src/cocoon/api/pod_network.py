@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AbstractContextManager, AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 
 log = get_logger("network")
 T = TypeVar("T")
+W = TypeVar("W")
+#: Undoes a wiring (blocking work in its worker thread); safe to await once.
+Undo = Callable[[], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,43 @@ async def attach(stack: AsyncExitStack, cfg: Config, netns: str, *, sandbox: str
     Errors (NotFound, InvalidArgument, NetworkError) name the namespace and the interface; a
     failure leaves nothing of ours in the namespace.
     """
-    from cocoon.network import discover, wired
+    from cocoon.network import wired
 
     started = time.monotonic()
     model = cfg.runtime.internetworking_model
+    info, wires, undo = await _wire_in_worker(netns, lambda info: wired(info, model))
+    # Undone after the VM stopped (the stack unwinds in reverse): filters, macvtaps, our fds.
+    stack.push_async_callback(undo)
+    nics = tuple(NetDevice(id=f"net{i}", fd=w.fd, mac=w.interface.hw_addr, mtu=w.interface.mtu)
+                 for i, w in enumerate(wires))  # fmt: skip
+    log.info("pod network wired", sandbox=sandbox, netns=netns, model=model, nics=len(nics),
+             seconds=round(time.monotonic() - started, 3))  # fmt: skip
+    return PodNetwork(netns=netns, model=model, interfaces=tuple(w.interface for w in wires), nics=nics, info=info)
+
+
+async def attach_interface(cfg: Config, netns: str, name: str, number: int) -> tuple[PodNetwork, Undo]:
+    """Wire only the interface ``name`` of the namespace (one a CNI plugin added while the pod
+    runs) as NIC number ``number`` (``net<number>``, tap ``tap<number>_cocoon``).
+
+    Returns it as a one-NIC :class:`PodNetwork` (``info``: the whole namespace, freshly read)
+    and the coroutine function that undoes the wiring. NotFound if there is no such interface;
+    a failure leaves nothing of ours in the namespace.
+    """
+    from cocoon.network import wired_one
+
+    model = cfg.runtime.internetworking_model
+    info, wire, undo = await _wire_in_worker(netns, lambda info: wired_one(info, name, model, number))
+    nic = NetDevice(id=f"net{number}", fd=wire.fd, mac=wire.interface.hw_addr, mtu=wire.interface.mtu)
+    return PodNetwork(netns=netns, model=model, interfaces=(wire.interface,), nics=(nic,), info=info), undo
+
+
+async def _wire_in_worker(
+    netns: str, wiring: Callable[[PodNetworkInfo], AbstractContextManager[W]]
+) -> tuple[PodNetworkInfo, W, Undo]:
+    """Discover ``netns``, enter ``wiring(info)``, both in a worker thread of their own that also
+    undoes it (pyroute2 sockets keep per-thread state); the wiring and its undo coroutine function."""
+    from cocoon.network import discover
+
     loop = asyncio.get_running_loop()
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pod-network")
     sync = contextlib.ExitStack()
@@ -87,17 +124,11 @@ async def attach(stack: AsyncExitStack, cfg: Config, netns: str, *, sandbox: str
 
     try:
         info = await _shielded(loop.run_in_executor(worker, discover, netns))
-        wires = await _shielded(loop.run_in_executor(worker, sync.enter_context, wired(info, model)))
+        wires = await _shielded(loop.run_in_executor(worker, sync.enter_context, wiring(info)))
     except BaseException:
         await undo()
         raise
-    # Undone after the VM stopped (the stack unwinds in reverse): filters, macvtaps, our fds.
-    stack.push_async_callback(undo)
-    nics = tuple(NetDevice(id=f"net{i}", fd=w.fd, mac=w.interface.hw_addr, mtu=w.interface.mtu)
-                 for i, w in enumerate(wires))  # fmt: skip
-    log.info("pod network wired", sandbox=sandbox, netns=netns, model=model, nics=len(nics),
-             seconds=round(time.monotonic() - started, 3))  # fmt: skip
-    return PodNetwork(netns=netns, model=model, interfaces=tuple(w.interface for w in wires), nics=nics, info=info)
+    return info, wires, undo
 
 
 async def _shielded(fut: asyncio.Future[T]) -> T:

@@ -34,10 +34,12 @@ from cocoon.config import Config
 from cocoon.errors import AlreadyExists, CocoonError, InvalidArgument, NotFound, StateError
 from cocoon.log import bind, get_logger
 from cocoon.oci.model import Spec
-from cocoon.protocol.types import ContainerStats
+from cocoon.protocol.types import ContainerStats, NetInterface
 
 if TYPE_CHECKING:
     from cocoon.api.guest import BootTimes, GuestVM
+    from cocoon.api.pod_hotplug import PodInterfaces
+    from cocoon.hypervisors.base import Hypervisor
     from cocoon.protocol.agent_client import AgentClient
 
 __all__ = ["Container", "ContainerStats", "Process", "Sandbox", "SandboxState", "clean_up", "pod_vm_size"]
@@ -182,6 +184,7 @@ class Sandbox:
         self._agent: AgentClient | None = None
         self._containers: dict[str, Container] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._interfaces: PodInterfaces | None = None  # hot-plug of the netns's interfaces
 
     # -- read-only facts ---------------------------------------------------------------------------
     @property
@@ -254,6 +257,7 @@ class Sandbox:
     async def _start(self) -> None:
         from cocoon.api import pod_network
         from cocoon.api.guest import GuestVM
+        from cocoon.api.pod_hotplug import PodInterfaces
         from cocoon.storage import shared
         from cocoon.storage.virtiofs import VirtioFsDaemon
 
@@ -272,6 +276,9 @@ class Sandbox:
                                 tag=shared.SHARE_TAG)  # fmt: skip
         share = stack.enter_context(daemon)
         net = await pod_network.attach(stack, self.cfg, self.netns, sandbox=self.id) if self.netns else None
+        if self.netns:  # registered before the VM: what is still hot-plugged is unwired once it is gone
+            self._interfaces = PodInterfaces(self.cfg, self.netns, sandbox=self.id, boot=net)
+            stack.push_async_callback(self._interfaces.close)
         guest = GuestVM(self.cfg, self.id, self.state_dir, memory_mib=self.memory_mib, vcpus=self.vcpus,
                         shared_dirs=(share,), nics=net.nics if net else ())  # fmt: skip
         await stack.enter_async_context(guest)
@@ -379,6 +386,49 @@ class Sandbox:
             await agent.remove_container(container_id, wait=5, timeout=15.0)
         except CocoonError as exc:
             log.debug("no container to remove in the guest", container=container_id, error=str(exc))
+
+    # -- network -----------------------------------------------------------------------------------
+    async def add_interface(self, name: str) -> NetInterface:
+        """Give the running guest the interface ``name`` that a CNI plugin just added to the pod's
+        network namespace (hot-plug); the guest's view of it (name, MAC, MTU, addresses).
+
+        It is wired like the start's interfaces (``runtime.internetworking_model``), gets a
+        virtio-net NIC with its MAC and MTU, and the agent configures its addresses, the routes
+        (the guest's table is re-synced with the namespace's for every wired interface) and its
+        static neighbours. Needs ``[hypervisor.qemu] hotplug_slots`` > 0 when the sandbox started.
+        Errors: InvalidArgument (no netns, no hot-plug slots), NotFound (no such interface in
+        the namespace), AlreadyExists (wired already), NetworkError, HypervisorError (no free
+        slot, QEMU refused), AgentError; nothing of the interface is left behind.
+        """
+        async with self._lock:
+            interfaces, vm = self._hotplug_for("add a network interface", name)
+            with bind(sandbox=self.id), agent_errors("configure the hot-plugged interface", sandbox=self.id):
+                return await interfaces.add(vm, self._agent_for("add a network interface"), name)
+
+    async def remove_interface(self, name: str) -> None:
+        """Take back an interface given by :meth:`add_interface` (before or after the CNI plugin
+        deleted it from the namespace): the guest releases the NIC (~5 s: Linux's PCIe hot-plug
+        waits that long), then the tap and the filters go. Interfaces wired at start cannot be
+        removed (InvalidArgument); NotFound for a name never added. HypervisorError if the guest
+        does not release the NIC in time (the host side is undone all the same).
+        """
+        async with self._lock:
+            interfaces, vm = self._hotplug_for("remove a network interface", name)
+            with bind(sandbox=self.id):
+                await interfaces.remove(vm, name)
+
+    @property
+    def interfaces(self) -> tuple[str, ...]:
+        """Names of the pod interfaces wired to the VM: the start's, then the hot-plugged ones."""
+        return self._interfaces.names if self._interfaces is not None else ()
+
+    def _hotplug_for(self, action: str, name: str) -> tuple[PodInterfaces, Hypervisor]:
+        self._state.require_running(action, sandbox=self.id, interface=name)
+        if self._interfaces is None:
+            raise InvalidArgument(f"cannot {action}: the sandbox has no network namespace", sandbox=self.id,
+                                  interface=name)  # fmt: skip
+        assert self._guest is not None and self._guest.vm is not None
+        return self._interfaces, self._guest.vm
 
     async def next_oom(self) -> str:
         """Wait until a container of the sandbox hits its memory limit in the guest; its id.

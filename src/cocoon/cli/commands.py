@@ -268,3 +268,11 @@ def cmd_events(args: argparse.Namespace) -> int:
         raise InvalidArgument("interval must be positive", field="interval")
     resources.events(_config(args), args.id, stats_once=args.stats, interval=interval)
     return 0
+
+
+def cmd_network(args: argparse.Namespace) -> int:
+    from cocoon.api.netinfo import sandbox_network
+
+    net = sandbox_network(_config(args), args.id)
+    print(json.dumps(net.to_dict(), indent=2) if args.format == "json" else net.to_table())
+    return 0

@@ -93,6 +93,7 @@ class VMSpec:
     shared_memory: bool = False  # memfd/shared RAM, needed by vhost-user devices (virtio-fs)
     shared_dirs: tuple[SharedDir, ...] = ()  # virtio-fs shares (imply shared_memory)
     nics: tuple[NetDevice, ...] = ()  # virtio-net devices on tap fds passed to the VMM
+    hotplug_slots: int = 0  # free slots for devices added while the VM runs (0: no hot-plug)
     extra_args: tuple[str, ...] = field(default=())
 
 
@@ -166,6 +167,20 @@ class Hypervisor(ABC):
     @abstractmethod
     def console_tail(self, lines: int = 30) -> str:
         """The last lines the guest printed on its console."""
+
+    @abstractmethod
+    async def hotplug_nic(self, nic: NetDevice) -> None:
+        """Add a virtio-net NIC on ``nic.fd`` to the running VM (the VMM gets its own copy of the fd).
+
+        HypervisorError when the VM was started without free hot-plug slots or the VMM refuses;
+        nothing of the NIC is left in the VMM then.
+        """
+
+    @abstractmethod
+    async def unplug_nic(self, nic_id: str, *, timeout: float = 20.0) -> None:
+        """Remove a NIC added by :meth:`hotplug_nic`: ask the guest to release it, wait up to
+        ``timeout`` for that, then drop the VMM's end of the tap. HypervisorError if the guest does
+        not release it in time (the VMM's tap end is dropped all the same)."""
 
     async def __aenter__(self) -> Self:
         try:

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cocoon.errors import BootError, HypervisorError
+from cocoon.errors import BootError, HypervisorError, InvalidArgument
 from cocoon.hypervisors.arch import arch_info, machine_info, tsc_khz
-from cocoon.hypervisors.base import AgentChannel, Capabilities, Hypervisor, VMSpec, VMState
+from cocoon.hypervisors.base import AgentChannel, Capabilities, Hypervisor, NetDevice, VMSpec, VMState
 from cocoon.log import get_logger
 from cocoon.util import proc as procs
 
@@ -32,6 +32,8 @@ agent_log = get_logger("agent")
 
 AGENT_PORT_NAME = "cocoon.agent"
 AGENT_PORT_ID = "agentport"
+#: Most hot-plug root ports: each takes a device number of the root bus (32, shared with q35's own devices).
+MAX_HOTPLUG_SLOTS = 16
 
 
 def kernel_cmdline(spec: VMSpec) -> str:
@@ -42,6 +44,10 @@ def kernel_cmdline(spec: VMSpec) -> str:
         khz = tsc_khz()
         if khz:
             params.append(f"tsc_early_khz={khz}")
+    if spec.hotplug_slots and machine_info(info, spec.machine).bus == "mmio":
+        # microvm's ACPI tables have no MCFG: when Linux negotiates _OSC the PCIe config space is
+        # not reachable yet, so it does not ask for native hot-plug control and pciehp stays off.
+        params.append("pcie_ports=native")
     params.append(f"cocoon.sandbox={spec.sandbox_id}")
     params.append(f"cocoon.channel={spec.channel}")
     if spec.channel == "vsock":
@@ -56,7 +62,12 @@ def build_argv(spec: VMSpec) -> list[str]:
     machine = machine_info(info, spec.machine)
     wd = spec.workdir
     dev = "device" if machine.bus == "mmio" else "pci"
+    if not 0 <= spec.hotplug_slots <= MAX_HOTPLUG_SLOTS:
+        raise InvalidArgument("too many hot-plug slots", field="hypervisor.qemu.hotplug_slots",
+                              value=spec.hotplug_slots, max=MAX_HOTPLUG_SLOTS)  # fmt: skip
     machine_opts = machine.qemu_machine
+    if spec.hotplug_slots and machine.bus == "mmio":
+        machine_opts += ",pcie=on"  # a GPEX PCIe host bridge next to virtio-mmio: root ports hang on it
     argv = [spec.binary or info.qemu_binary, "-name", f"cocoon-{spec.sandbox_id},debug-threads=on"]
     if spec.shared_memory or spec.shared_dirs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
@@ -99,8 +110,20 @@ def build_argv(spec: VMSpec) -> list[str]:
             "-netdev", f"tap,id={nic.id},fd={nic.fd}",
             "-device", f"virtio-net-{dev},netdev={nic.id},mac={nic.mac},host_mtu={nic.mtu}",
         ]  # fmt: skip
+    for i in range(spec.hotplug_slots):
+        argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},chassis={i + 1},bus=pcie.0"]
     argv += list(spec.extra_args)
     return argv
+
+
+def hotplug_port(slot: int) -> str:
+    """The QEMU id of hot-plug root port number ``slot``."""
+    return f"hotplug{slot}"
+
+
+def nic_device_id(nic_id: str) -> str:
+    """The QEMU id of the virtio-net device of a hot-plugged NIC (its netdev is ``nic_id``)."""
+    return f"{nic_id}-nic"
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -128,6 +151,8 @@ class QemuVM(Hypervisor):
         self._console_offset = 0
         self.started_at = 0.0
         self.ready_at = 0.0
+        self._slots: list[str | None] = [None] * spec.hotplug_slots  # hot-plug root port -> NIC id
+        self._hotplug_lock = asyncio.Lock()  # one fd in flight on the QMP socket at a time
 
     @classmethod
     def capabilities(cls) -> Capabilities:
@@ -301,6 +326,89 @@ class QemuVM(Hypervisor):
             return await self._qmp.execute(command, arguments)
         except Exception as exc:
             raise HypervisorError(f"qmp {command}: {exc}", sandbox=self.spec.sandbox_id) from exc
+
+    # -- hot-plug ------------------------------------------------------------------------------
+    async def hotplug_nic(self, nic: NetDevice) -> None:
+        """``getfd`` (the tap fd over SCM_RIGHTS), ``netdev_add tap``, ``device_add virtio-net-pci``
+        on a free root port; whatever was added is taken back if a later step fails."""
+        self._require(VMState.RUNNING, action="hot-plug a NIC")
+        ctx: dict[str, Any] = {"sandbox": self.spec.sandbox_id, "nic": nic.id}
+        if nic.id in self._slots:
+            raise HypervisorError("a NIC with this id is plugged already", **ctx)
+        async with self._hotplug_lock:
+            slot = self._free_slot(nic.id)
+            await self._pass_fd(nic.fd, nic.id)
+            try:
+                await self.qmp("netdev_add", {"type": "tap", "id": nic.id, "fd": nic.id})
+            except HypervisorError as exc:
+                with contextlib.suppress(HypervisorError):  # consumed by a netdev_add that got that far
+                    await self.qmp("closefd", {"fdname": nic.id})
+                exc.add_context(**ctx)
+                raise
+            try:
+                await self.qmp("device_add", {"driver": "virtio-net-pci", "id": nic_device_id(nic.id),
+                                              "netdev": nic.id, "bus": hotplug_port(slot), "mac": nic.mac,
+                                              "host_mtu": nic.mtu})  # fmt: skip
+            except BaseException as exc:
+                with contextlib.suppress(HypervisorError):
+                    await self.qmp("netdev_del", {"id": nic.id})
+                if isinstance(exc, HypervisorError):
+                    exc.add_context(port=hotplug_port(slot), **ctx)
+                raise
+            self._slots[slot] = nic.id
+        log.info("nic hot-plugged", port=hotplug_port(slot), mac=nic.mac, **ctx)
+
+    def _free_slot(self, nic_id: str) -> int:
+        for slot, used in enumerate(self._slots):
+            if used is None:
+                return slot
+        raise HypervisorError("no free hot-plug slot", sandbox=self.spec.sandbox_id, nic=nic_id,
+                              slots=len(self._slots),
+                              hint="start the VM with more [hypervisor.qemu] hotplug_slots")  # fmt: skip
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        """Hand ``fd`` to QEMU as ``name``: the fd rides on one byte over the QMP socket, ``getfd``
+        names the last one received (hence the lock held by the caller)."""
+        if self._qmp is None:
+            raise HypervisorError("QMP is not connected", sandbox=self.spec.sandbox_id, command="getfd")
+        try:
+            self._qmp.send_fd_scm(fd)
+        except Exception as exc:
+            raise HypervisorError(f"pass the tap fd to qemu: {exc}", sandbox=self.spec.sandbox_id, nic=name) from exc
+        await self.qmp("getfd", {"fdname": name})
+
+    async def unplug_nic(self, nic_id: str, *, timeout: float = 20.0) -> None:
+        """``device_del``, wait for ``DEVICE_DELETED`` (the guest's pciehp powers the slot off:
+        ~5 s, Linux's attention-button delay), then ``netdev_del``."""
+        self._require(VMState.RUNNING, action="unplug a NIC")  # a paused guest cannot let go
+        ctx: dict[str, Any] = {"sandbox": self.spec.sandbox_id, "nic": nic_id}
+        if nic_id not in self._slots:
+            raise HypervisorError("no hot-plugged NIC with this id", **ctx)
+        slot = self._slots.index(nic_id)
+        device = nic_device_id(nic_id)
+        started = time.monotonic()
+        assert self._qmp is not None
+        try:
+            with self._qmp.listener("DEVICE_DELETED") as events:
+                await self.qmp("device_del", {"id": device})
+
+                async def deleted() -> None:
+                    async for event in events:
+                        if event.get("data", {}).get("device") == device:
+                            return
+
+                try:
+                    await asyncio.wait_for(deleted(), timeout)
+                except TimeoutError:
+                    raise HypervisorError("the guest did not release the NIC", timeout=timeout, port=hotplug_port(slot),
+                                          hint="the guest kernel needs pciehp (CONFIG_HOTPLUG_PCI_PCIE)",
+                                          **ctx) from None  # fmt: skip
+            self._slots[slot] = None
+        finally:
+            # Even a NIC the guest holds on to loses its backend: the tap goes once its owner closes it.
+            with contextlib.suppress(HypervisorError):
+                await self.qmp("netdev_del", {"id": nic_id})
+        log.info("nic unplugged", seconds=round(time.monotonic() - started, 3), **ctx)
 
     def exited(self) -> bool:
         """True once the QEMU process is gone (guest powered off, crashed or was killed)."""

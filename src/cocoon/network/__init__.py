@@ -10,6 +10,6 @@ docs/networking.md.
 from __future__ import annotations
 
 from cocoon.network.discover import PodNetworkInfo, discover
-from cocoon.network.wiring import MODELS, WiredInterface, wired
+from cocoon.network.wiring import MODELS, WiredInterface, wired, wired_one
 
-__all__ = ["MODELS", "PodNetworkInfo", "WiredInterface", "discover", "wired"]
+__all__ = ["MODELS", "PodNetworkInfo", "WiredInterface", "discover", "wired", "wired_one"]

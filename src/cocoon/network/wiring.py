@@ -8,7 +8,9 @@ sees them, and the interface's MAC (the guest NIC's too) is what the CNI's bridg
 
 ``macvtap``: a macvtap ``mtap<i>_cocoon`` in *passthru* mode on the interface (it takes over the
 lower device and inherits its MAC, so nothing has to be restored afterwards); its character
-device ``/dev/tap<ifindex>`` is the queue fd. ``none``: no NIC at all.
+device ``/dev/tap<ifindex>`` is the queue fd. That node is host-wide while ifindexes are per
+namespace: each macvtap gets an ifindex whose node is free (>= 4096), chosen under a host-wide
+lock. ``none``: no NIC at all.
 
 Everything made here is owned by an ExitStack and undone on exit or on any failure, in reverse
 order: the filters and qdiscs, the macvtap link, our tap fd (a non-persistent tap goes away with
@@ -24,7 +26,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cocoon.errors import CocoonError, InvalidArgument, NetworkError
+from cocoon.errors import CocoonError, InvalidArgument, NetworkError, NotFound
 from cocoon.log import get_logger
 from cocoon.network.discover import PodNetworkInfo
 from cocoon.network.netns import netlink_socket, open_macvtap, open_tap
@@ -112,19 +114,52 @@ def _wire_tcfilter(ip: _Ip, stack: ExitStack, i: int, iface: NetInterface, index
     return WiredInterface(iface, fd, name)
 
 
+#: macvtaps get ifindexes from here up: their queue node ``/dev/tap<ifindex>`` is host-wide while
+#: ifindexes are per namespace, so two pods' macvtaps with the default (equal) ifindex would share
+#: one node, the second sandbox opening the first one's queue.
+MACVTAP_FIRST_INDEX = 4096
+MACVTAP_LOCK = "/run/lock/cocoon-macvtap.lock"
+
+
+@contextlib.contextmanager
+def _macvtap_lock() -> Iterator[None]:
+    """Host-wide: between choosing a free ``/dev/tap<N>`` and opening it, no other cocoon takes N."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(MACVTAP_LOCK), exist_ok=True)
+    fd = os.open(MACVTAP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def free_tap_index(first: int = MACVTAP_FIRST_INDEX, dev: str = "/dev") -> int:
+    """The lowest ifindex >= ``first`` whose queue node ``<dev>/tap<N>`` nobody has."""
+    n = first
+    while os.path.exists(f"{dev}/tap{n}"):
+        n += 1
+    return n
+
+
 def _wire_macvtap(ip: _Ip, stack: ExitStack, i: int, iface: NetInterface, index: int) -> WiredInterface:
     name = macvtap_name(i)
-    try:
-        ip.ipr.link("add", ifname=name, kind="macvtap", link=index, macvtap_mode="passthru")
-    except Exception as exc:
-        raise _nl_error("create macvtap", exc, netns=ip.netns, interface=name, link=iface.name) from exc
-    mtap = ip.index(name)
-    stack.callback(_delete_link, ip, mtap, name)
-    try:
-        ip.ipr.link("set", index=mtap, mtu=iface.mtu, state="up")
-    except Exception as exc:
-        raise _nl_error("set macvtap up", exc, netns=ip.netns, interface=name) from exc
-    fd = open_macvtap(ip.netns, name, mtap)
+    with _macvtap_lock():
+        mtap = free_tap_index()
+        try:
+            ip.ipr.link("add", ifname=name, kind="macvtap", link=index, macvtap_mode="passthru", index=mtap)
+        except Exception as exc:
+            raise _nl_error("create macvtap", exc, netns=ip.netns, interface=name, link=iface.name) from exc
+        stack.callback(_delete_link, ip, mtap, name)
+        if ip.index(name) != mtap:
+            raise NetworkError("macvtap did not get the ifindex asked for", netns=ip.netns, interface=name,
+                               wanted=mtap, got=ip.index(name))  # fmt: skip
+        try:
+            ip.ipr.link("set", index=mtap, mtu=iface.mtu, state="up")
+        except Exception as exc:
+            raise _nl_error("set macvtap up", exc, netns=ip.netns, interface=name) from exc
+        fd = open_macvtap(ip.netns, name, mtap)
     stack.callback(os.close, fd)
     return WiredInterface(iface, fd, name)
 
@@ -136,6 +171,23 @@ def _delete_link(ip: _Ip, index: int, name: str) -> None:
         log.debug("link already gone", netns=ip.netns, interface=name, error=str(exc))
 
 
+def _wire(ip: _Ip, stack: ExitStack, model: str, number: int, found: tuple[NetInterface, int]) -> WiredInterface:
+    iface, index = found
+    try:
+        wire = _wire_tcfilter if model == "tcfilter" else _wire_macvtap
+        out = wire(ip, stack, number, iface, index)
+    except CocoonError as exc:
+        exc.add_context(netns=ip.netns, model=model)
+        raise
+    log.info("interface wired", netns=ip.netns, interface=iface.name, device=out.device, model=model)
+    return out
+
+
+def _check_model(model: str) -> None:
+    if model not in MODELS:
+        raise InvalidArgument("unknown network model", field="runtime.internetworking_model", value=model)
+
+
 @contextlib.contextmanager
 def wired(info: PodNetworkInfo, model: str) -> Iterator[list[WiredInterface]]:
     """Wire every interface of ``info`` with ``model``; undone when the block is left (blocking).
@@ -143,8 +195,7 @@ def wired(info: PodNetworkInfo, model: str) -> Iterator[list[WiredInterface]]:
     NetworkError names the namespace and the interface that could not be wired; whatever was
     already wired is undone before it is raised.
     """
-    if model not in MODELS:
-        raise InvalidArgument("unknown network model", field="runtime.internetworking_model", value=model)
+    _check_model(model)
     with ExitStack() as stack:
         if model == "none" or not info.interfaces:
             if info.interfaces:
@@ -153,13 +204,26 @@ def wired(info: PodNetworkInfo, model: str) -> Iterator[list[WiredInterface]]:
             yield []
             return
         ip = _Ip(info.netns, stack)
-        out = []
-        for i, (iface, index) in enumerate(zip(info.interfaces, info.indexes, strict=True)):
-            try:
-                wire = _wire_tcfilter if model == "tcfilter" else _wire_macvtap
-                out.append(wire(ip, stack, i, iface, index))
-            except CocoonError as exc:
-                exc.add_context(netns=info.netns, model=model)
-                raise
-            log.info("interface wired", netns=info.netns, interface=iface.name, device=out[-1].device, model=model)
-        yield out
+        yield [_wire(ip, stack, model, i, found) for i, found in enumerate(zip(info.interfaces, info.indexes,
+                                                                                 strict=True))]  # fmt: skip
+
+
+@contextlib.contextmanager
+def wired_one(info: PodNetworkInfo, name: str, model: str, number: int) -> Iterator[WiredInterface]:
+    """Wire only the interface called ``name`` of ``info``, as number ``number`` (its tap is
+    ``tap<number>_cocoon``): for an interface added while the VM runs. Undone when the block is left.
+
+    NotFound if the namespace has no such interface, InvalidArgument for the ``none`` model.
+    """
+    _check_model(model)
+    if model == "none":
+        raise InvalidArgument("network model none: no NIC to add", field="runtime.internetworking_model",
+                              netns=info.netns, interface=name)  # fmt: skip
+    for found in zip(info.interfaces, info.indexes, strict=True):
+        if found[0].name == name:
+            break
+    else:
+        raise NotFound("no such interface in the pod's network namespace", netns=info.netns, interface=name,
+                       found=",".join(i.name for i in info.interfaces) or "(none)")  # fmt: skip
+    with ExitStack() as stack:
+        yield _wire(_Ip(info.netns, stack), stack, model, number, found)
