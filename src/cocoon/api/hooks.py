@@ -20,11 +20,25 @@ import subprocess
 from collections.abc import Iterable
 from typing import Any
 
-from cocoon.errors import ProcessError
+from cocoon.errors import InvalidArgument, ProcessError
 from cocoon.log import get_logger
 from cocoon.oci.model import Hook
 
 log = get_logger("api")
+
+
+def refuse_pid_network_hooks(prestart: Iterable[Hook], *, file: str = "") -> None:
+    """InvalidArgument for docker's bridge-network hook (``libnetwork-setkey``).
+
+    It moves the container's network into ``/proc/<state pid>/ns/net``; our state's PID is the
+    monitor, a host process in the host's namespace: the hook would configure the host's network,
+    not the VM's. ``--network none`` and ``--network host`` need no hook and work.
+    """
+    for i, hook in enumerate(prestart):
+        if any("libnetwork-setkey" in word for word in (hook.path, *hook.args)):
+            raise InvalidArgument("docker bridge networks are not supported (their hook would configure the host's "
+                                  "network): use --network none or --network host",
+                                  field=f"hooks.prestart[{i}]", file=file)  # fmt: skip
 
 
 def run_hooks(kind: str, hooks: Iterable[Hook], state: dict[str, Any], *, fatal: bool = True) -> None:
