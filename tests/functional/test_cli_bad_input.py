@@ -80,16 +80,6 @@ def test_terminal_without_console_socket(root, bundle):
     _one_line_error(cocoon(root, "create", "--bundle", str(bundle), "c1"), "console-socket")
 
 
-def test_docker_bridge_network_hook_is_refused(root, bundle):
-    # docker's libnetwork-setkey would set up /proc/<monitor pid>/ns/net: the host's namespace.
-    doc = json.loads((bundle / "config.json").read_text())
-    doc["hooks"] = {"prestart": [{"path": "/usr/bin/dockerd", "args": ["libnetwork-setkey", "-exec-root=/x", "c1",
-                                                                       "abc"]}]}  # fmt: skip
-    (bundle / "config.json").write_text(json.dumps(doc))
-    _one_line_error(cocoon(root, "create", "--bundle", str(bundle), "c1"), "bridge networks", "hooks.prestart[0]")
-    assert not (root / "c1").exists()
-
-
 def test_create_of_existing_id_leaves_it_untouched(root, bundle):
     store = StateStore(str(root))
     store.create(ContainerState.new("c1", str(bundle), status=Status.STOPPED))

@@ -103,3 +103,51 @@ def test_network_of_a_container_without_one_is_lo_only(root, tmp_path):
     assert doc["interfaces"][0]["up"] and "127.0.0.1/8" in doc["interfaces"][0]["addresses"]
     assert not [r for r in doc["routes"] if r["dest"] == "default" or r["device"] != "lo"], doc["routes"]
     assert stopped.returncode == 1 and "it is stopped" in stopped.stderr, stopped.stderr
+
+
+HOOK = """#!/bin/sh
+# A prestart hook doing what docker's libnetwork does: fill the container's new network namespace,
+# found through the state's PID, with a veth (its peer end in the test's namespace) and addresses.
+set -e
+pid=$(sed -n 's/.*"pid": *\\([0-9]*\\).*/\\1/p')
+ip link add eth0 netns "$pid" type veth peer name hook-peer netns "$1"
+nsenter --net=/proc/$pid/ns/net ip addr add 10.56.0.2/24 dev eth0
+nsenter --net=/proc/$pid/ns/net ip link set eth0 up
+nsenter --net=/proc/$pid/ns/net ip route add default via 10.56.0.1
+nsenter --net=/run/netns/$1 ip addr add 10.56.0.1/24 dev hook-peer
+nsenter --net=/run/netns/$1 ip link set hook-peer up
+# Hooks run in the host's network namespace, as runc runs them.
+[ "$(readlink /proc/self/ns/net)" = "$2" ]
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_prestart_hook_fills_the_new_network_namespace(root, tmp_path):
+    # A spec asking for a new network namespace (no path) gets one before its prestart hooks run:
+    # whatever they put there (docker's bridge networks work this way) reaches the VM.
+    from netns_helpers import _off_loop, _remove, links_of
+    from pyroute2 import netns
+
+    peer = f"chook-{os.getpid()}"
+    _off_loop(netns.create)(peer)
+    try:
+        hook = tmp_path / "net-hook"
+        hook.write_text(HOOK)
+        hook.chmod(0o755)
+        bundle = make_bundle(tmp_path / "hk", ["sh", "-c", "ip -o -4 addr show eth0; ping -c 2 -W 10 10.56.0.1"])
+        doc = json.loads((bundle / "config.json").read_text())
+        doc["hooks"] = {"prestart": [{"path": str(hook), "args": ["net-hook", peer, os.readlink("/proc/self/ns/net")]}]}
+        for caps in doc["process"]["capabilities"].values():
+            caps.append("CAP_NET_RAW")  # ping
+        (bundle / "config.json").write_text(json.dumps(doc))
+        out = _cocoon(root, "run", "--bundle", str(bundle), "hk")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "10.56.0.2/24" in out.stdout, out.stdout
+        assert "2 packets received" in out.stdout, out.stdout
+        # The namespace died with the sandbox, and with it the veth: its peer end is gone too.
+        deadline = time.monotonic() + 10
+        while "hook-peer" in links_of(peer):
+            assert time.monotonic() < deadline, links_of(peer)
+            time.sleep(0.1)
+    finally:
+        _remove(peer)

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,20 +355,22 @@ class Docker:
         return h.run(["docker", *args], timeout=timeout, env=self.env, check=check)
 
 
-@pytest.fixture(scope="session")
-def docker(session, image_archive) -> Docker:
+@contextlib.contextmanager
+def run_docker(session: Session, image_archive: Path, name: str = "docker", netns: str = "") -> Iterator[Docker]:
+    """A private dockerd with runtime ``cocoon`` and the session's image. In the host's network
+    namespace it makes no network changes (no docker0, no iptables rules); in ``netns`` (a
+    namespace the test made) it keeps its default bridge there."""
     missing = h.missing_binaries("dockerd", "docker")
     if missing:
         pytest.skip(f"missing {', '.join(missing)} (apt-get install docker.io)")
-    d = session.base / "docker"
+    d = session.base / name
     (d / "client").mkdir(parents=True)
     (d / "daemon.json").write_text("{}\n")  # never the host's /etc/docker/daemon.json
     sock = d / "d.sock"
     argv = ["dockerd", "--config-file", str(d / "daemon.json"), "--data-root", str(d / "data"),
             "--exec-root", str(d / "exec"), "--pidfile", str(d / "dockerd.pid"), "-H", f"unix://{sock}",
-            # no host network changes: no docker0, no iptables rules
-            "--bridge=none", "--iptables=false", "--ip6tables=false",
-            "--add-runtime", f"cocoon={session.cocoon}"]  # fmt: skip
+            "--iptables=false", "--ip6tables=false", "--add-runtime", f"cocoon={session.cocoon}"]  # fmt: skip
+    argv = ["nsenter", f"--net={netns}", *argv] if netns else [*argv, "--bridge=none"]
     daemon = h.Daemon("dockerd", argv, d / "dockerd.log")
     env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_CONFIG": str(d / "client")}
     k = Docker(session, d, env, daemon)
@@ -381,16 +384,24 @@ def docker(session, image_archive) -> Docker:
         h.kill_pids(p.pid for p in h.descendants_and_marked(str(d)))
         h.unmount_below(d)
         pytest.skip(f"dockerd cannot start here:\n{tail}")
-    runtimes = json.loads(k("info", "--format", "{{json .Runtimes}}", check=True).stdout)
-    assert "cocoon" in runtimes, runtimes
-    k("load", "-i", str(image_archive), timeout=120, check=True)
-    yield k
-    ids = k("ps", "-aq", timeout=30).stdout.split()
-    if ids:
-        k("rm", "-f", *ids, timeout=120)
-    daemon.stop(grace=30)  # dockerd stops its own containerd and shims
-    h.kill_pids(p.pid for p in h.descendants_and_marked(str(d)))
-    h.unmount_below(d)
+    try:
+        runtimes = json.loads(k("info", "--format", "{{json .Runtimes}}", check=True).stdout)
+        assert "cocoon" in runtimes, runtimes
+        k("load", "-i", str(image_archive), timeout=120, check=True)
+        yield k
+    finally:
+        ids = k("ps", "-aq", timeout=30).stdout.split()
+        if ids:
+            k("rm", "-f", *ids, timeout=120)
+        daemon.stop(grace=30)  # dockerd stops its own containerd and shims
+        h.kill_pids(p.pid for p in h.descendants_and_marked(str(d)))
+        h.unmount_below(d)
+
+
+@pytest.fixture(scope="session")
+def docker(session, image_archive) -> Iterator[Docker]:
+    with run_docker(session, image_archive) as k:
+        yield k
 
 
 @pytest.fixture

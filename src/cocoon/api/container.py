@@ -83,9 +83,6 @@ def create(cfg: Config, container_id: str, bundle: str, *, console_socket: str |
         raise InvalidArgument("config.json has no process", field="process", file=str(spec.path))
     if spec.process.terminal and not console_socket and not os.isatty(0):
         raise InvalidArgument("process.terminal is true but --console-socket was not given", field="process.terminal")
-    from cocoon.api.hooks import refuse_pid_network_hooks
-
-    refuse_pid_network_hooks(spec.hooks.prestart, file=str(spec.path))
     store = store_for(cfg)
     state = ContainerState.new(
         container_id, str(spec.bundle), rootfs=str(spec.root.path), annotations=dict(spec.annotations),

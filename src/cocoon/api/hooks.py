@@ -2,10 +2,12 @@
 
 Where each runs in Cocoon (the container itself lives in the VM):
 
-* ``prestart`` (legacy) and ``createRuntime`` - after the VM is up and the container is
-  created in the guest, before ``create`` returns (runc runs them at the same point).
-* ``createContainer`` - right after, on the host (runc runs it in the container's mount
-  namespace, which is inside the VM here; documented in docs/containers.md).
+* ``prestart`` (legacy) and ``createRuntime`` - once the container's new network namespace
+  exists (the monitor's own, at ``/proc/<state pid>/ns/net``), before the VM boots: what they
+  put in that namespace (docker's libnetwork moves the container's veth there) is wired to the
+  VM like a CNI plugin's namespace. Run in the host's network namespace, as runc does.
+* ``createContainer`` - once the container is created in the guest, on the host (runc runs it
+  in the container's mount namespace, which is inside the VM here; docs/containers.md).
 * ``startContainer`` - not run here: it runs in the container's namespaces, which are in the
   guest, so it stays in the guest's spec (:func:`cocoon.storage.shared.plan`) and crun runs it
   after start, before the user process (its path resolves in the container's rootfs).
@@ -20,25 +22,11 @@ import subprocess
 from collections.abc import Iterable
 from typing import Any
 
-from cocoon.errors import InvalidArgument, ProcessError
+from cocoon.errors import ProcessError
 from cocoon.log import get_logger
 from cocoon.oci.model import Hook
 
 log = get_logger("api")
-
-
-def refuse_pid_network_hooks(prestart: Iterable[Hook], *, file: str = "") -> None:
-    """InvalidArgument for docker's bridge-network hook (``libnetwork-setkey``).
-
-    It moves the container's network into ``/proc/<state pid>/ns/net``; our state's PID is the
-    monitor, a host process in the host's namespace: the hook would configure the host's network,
-    not the VM's. ``--network none`` and ``--network host`` need no hook and work.
-    """
-    for i, hook in enumerate(prestart):
-        if any("libnetwork-setkey" in word for word in (hook.path, *hook.args)):
-            raise InvalidArgument("docker bridge networks are not supported (their hook would configure the host's "
-                                  "network): use --network none or --network host",
-                                  field=f"hooks.prestart[{i}]", file=file)  # fmt: skip
 
 
 def run_hooks(kind: str, hooks: Iterable[Hook], state: dict[str, Any], *, fatal: bool = True) -> None:

@@ -90,22 +90,40 @@ class Monitor:
         # `delete` looks for mounts a SIGKILLed monitor left.
         sock_dir = Path(self.store.make_socket_dir(self.cid))
         stack.callback(_rmdir_quiet, sock_dir)
+        netns = pod_network.spec_netns(self.spec)
+        if not netns and pod_network.wants_new_netns(self.spec):
+            # As runc: the new namespace exists before the hooks, at /proc/<state pid>/ns/net, for
+            # them to fill (docker's libnetwork moves the container's veth there); the VM gets
+            # what they put in it.
+            from cocoon.network.netns import unshare_netns
+
+            netns = unshare_netns()
+        self._save(pid=os.getpid(), pid_start_time=process_start_time(os.getpid()) or 0)
+        self._run_hooks("prestart", self.spec.hooks.prestart)
+        self._run_hooks("createRuntime", self.spec.hooks.create_runtime)
         memory, vcpus = vm_size(self.cfg, self.spec)
         sandbox = Sandbox(self.cfg, self.cid, sock_dir, memory_mib=memory, vcpus=vcpus,
-                          hostname=self.spec.hostname or self.cid[:63], netns=pod_network.spec_netns(self.spec),
+                          hostname=self.spec.hostname or self.cid[:63], netns=netns,
                           share_dir=Path(self.store.dir(self.cid)) / "shared")  # fmt: skip
         await stack.enter_async_context(sandbox)
         self.agent = sandbox.agent
-        self._save(pid=os.getpid(), pid_start_time=process_start_time(os.getpid()) or 0)
-        hooks.run_hooks("prestart", self.spec.hooks.prestart, self.oci_state())
-        hooks.run_hooks("createRuntime", self.spec.hooks.create_runtime, self.oci_state())
         await sandbox.create_container(self.cid, self.spec)
         oom_watch = asyncio.create_task(self._watch_oom(), name="oom watch")
         stack.callback(oom_watch.cancel)
-        hooks.run_hooks("createContainer", self.spec.hooks.create_container, self.oci_state())
+        self._run_hooks("createContainer", self.spec.hooks.create_container)
         await self._start_stdio()
         await self._serve_control(sock_dir / "monitor.sock")
         self._save(status=Status.CREATED, monitor_socket=str(sock_dir / "monitor.sock"), sandbox_id=self.cid)
+
+    def _run_hooks(self, kind: str, hook_list: Any, *, fatal: bool = True) -> None:
+        """Run hooks in the host's network namespace, as runc does, even after the monitor left it."""
+        if not hook_list:
+            return
+        from cocoon.network.netns import host_netns_path, run_in_netns
+
+        state = self.oci_state()
+        run_in_netns(host_netns_path(), lambda: hooks.run_hooks(kind, hook_list, state, fatal=fatal),
+                     what=f"{kind} hooks")  # fmt: skip
 
     async def _start_stdio(self) -> None:
         proc = self.spec.process
@@ -155,7 +173,7 @@ class Monitor:
         self.state.status.require("start", id=self.cid)
         await self.agent.start_container(self.cid)
         self._save(status=Status.RUNNING, started_at=rfc3339_nano(time.time_ns()))
-        hooks.run_hooks("poststart", self.spec.hooks.poststart, self.oci_state(), fatal=False)
+        self._run_hooks("poststart", self.spec.hooks.poststart, fatal=False)
         return empty_pb2.Empty()
 
     async def _pause(self, request: Any, ctx: Any) -> Any:

@@ -69,6 +69,12 @@ def spec_netns(spec: Spec) -> str:
     return ns.path
 
 
+def wants_new_netns(spec: Spec) -> bool:
+    """True if the spec asks for a new network namespace (a ``network`` entry without a path)."""
+    ns = spec.linux.network_namespace if spec.linux is not None else None
+    return ns is not None and not ns.path
+
+
 async def attach(stack: AsyncExitStack, cfg: Config, netns: str, *, sandbox: str = "") -> PodNetwork:
     """Discover and wire the namespace at ``netns``; the wiring is undone when ``stack`` closes.
 

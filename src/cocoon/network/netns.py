@@ -83,10 +83,40 @@ def run_in_netns(path: str, fn: Callable[[], T], *, what: str = "netns call") ->
     return result[0]
 
 
+#: The namespace this process started in, kept open once :func:`unshare_netns` left it.
+_host_fd: list[int] = []
+
+
+def host_netns_path() -> str:
+    """A path to the host's network namespace: the one this process started in."""
+    return f"/proc/self/fd/{_host_fd[0]}" if _host_fd else "/proc/self/ns/net"
+
+
+def unshare_netns() -> str:
+    """Move this process into a new, empty network namespace and return its path.
+
+    What runc does for a spec asking for a new network namespace: hooks given the state's PID
+    find it at ``/proc/<pid>/ns/net`` and may fill it (docker's libnetwork moves the container's
+    veth there). Call it from the main thread (``/proc/<pid>/ns/net`` is the main thread's)
+    before threads that should follow are started. The host's namespace stays reachable through
+    :func:`host_netns_path` (run hooks there, as runc does).
+    """
+    if _host_fd:
+        raise NetworkError("this process left the host's network namespace already")
+    fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    if _libc().unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise NetworkError(f"unshare(CLONE_NEWNET): {os.strerror(err)}", errno=err)
+    _host_fd.append(fd)
+    return f"/proc/{os.getpid()}/ns/net"
+
+
 def is_host_netns(path: str) -> bool:
-    """True if ``path`` is this process's own network namespace (the host's); NotFound if missing."""
+    """True if ``path`` is the host's network namespace (the one this process started in);
+    NotFound if missing."""
     try:
-        target, own = os.stat(path), os.stat("/proc/self/ns/net")
+        target, own = os.stat(path), os.stat(host_netns_path())
     except FileNotFoundError:
         raise NotFound("network namespace not found", netns=path) from None
     return (target.st_dev, target.st_ino) == (own.st_dev, own.st_ino)
