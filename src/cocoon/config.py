@@ -90,8 +90,8 @@ class RuntimeConfig:
 class FactoryConfig:
     """[factory]: boot sandboxes by restoring a saved template VM."""
 
-    template: bool = False
-    template_dir: str = "/var/cache/cocoon/templates"
+    template: bool = False  # start sandboxes by restoring a saved template VM (docs/factory.md)
+    template_dir: str = "/dev/shm/cocoon/templates"  # a tmpfs: templates' and clones' guest RAM live here
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import ctypes
 import errno
 import os
 import shutil
+import time
 from dataclasses import dataclass
 
 from cocoon.errors import InvalidArgument, ProcessError
@@ -119,6 +120,24 @@ def sys_umount(target: str, flags: int = 0) -> None:
         raise OSError(err, os.strerror(err), target)
 
 
+#: How long a virtio-fs tag may take to appear: a share hot-plugged into a restored template VM
+#: is probed by the guest's PCI hot-plug driver a moment after the host added it.
+VIRTIOFS_TAG_WAIT = 10.0
+
+
+def _mount_virtiofs(tag: str, mp: str, fstype: str, flags: int, data: str) -> None:
+    deadline = time.monotonic() + VIRTIOFS_TAG_WAIT
+    while True:
+        try:
+            sys_mount(tag, mp, fstype, flags, data)
+            return
+        except OSError as exc:
+            # "tag not found" is EINVAL until the device is probed.
+            if exc.errno != errno.EINVAL or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
 def mount_storage(storage: Storage) -> Mounted:
     """Set ``storage`` up in the guest (mkdir and, but for ``local``, mount)."""
     validate(storage)
@@ -132,7 +151,7 @@ def mount_storage(storage: Storage) -> Mounted:
         os.makedirs(mp, exist_ok=True)
         flags, data = parse_options(storage.options)
         if storage.driver == "virtio-fs":
-            sys_mount(storage.source, mp, storage.fstype or "virtiofs", flags, data)
+            _mount_virtiofs(storage.source, mp, storage.fstype or "virtiofs", flags, data)
         else:
             sys_mount(storage.source or "tmpfs", mp, "tmpfs", flags, data)
     except OSError as exc:

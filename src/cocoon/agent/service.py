@@ -107,6 +107,22 @@ class AgentService:
             log.info("guest clock not set (host mode)", sec=request.sec)
         return empty_pb2.Empty()
 
+    async def PrepareSnapshot(self, request: Any, ctx: ServerContext) -> Any:
+        await self.server.modules_ready.wait()  # a clone must not start half-way through loading them
+        if self.server.in_guest:
+            os.sync()
+        log.info("ready to be saved as a template")
+        return empty_pb2.Empty()
+
+    async def ReseedRandomDev(self, request: Any, ctx: ServerContext) -> Any:
+        from cocoon.agent.snapshot import MIN_SEED_BYTES, reseed_random
+
+        if self.server.in_guest:
+            reseed_random(bytes(request.data))
+        elif len(request.data) < MIN_SEED_BYTES:
+            raise InvalidArgument("seed too short", field="data", size=len(request.data), min=MIN_SEED_BYTES)
+        return empty_pb2.Empty()
+
     async def DestroySandbox(self, request: Any, ctx: ServerContext) -> Any:
         # Shielded: the power-off must happen even if the caller stops waiting for the answer.
         await asyncio.shield(self.server.destroy())

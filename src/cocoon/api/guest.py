@@ -66,6 +66,7 @@ class GuestVM:
         self.accel = ""
         self.accel_reason = ""
         self.times: BootTimes | None = None
+        self.template: Any = None  # cocoon.api.factory.Template this VM was restored from
         self._stack = AsyncExitStack()
 
     async def _spec(self) -> VMSpec:
@@ -115,52 +116,59 @@ class GuestVM:
         with bind(sandbox=self.sandbox_id):
             try:
                 spec = await self._spec()
-                vm = get_driver(self.cfg.hypervisor.driver)(spec)
+                boot_spec = await self._from_template(spec) if self.cfg.factory.template else spec
+                vm = get_driver(self.cfg.hypervisor.driver)(boot_spec)
                 self.vm = vm
                 self._stack.push_async_callback(self._stop_vm)
                 started = time.monotonic()
-                await vm.start()
+                try:
+                    await vm.start()
+                finally:
+                    if boot_spec.incoming is not None:  # the VMM maps it (or failed): no name needed
+                        from cocoon.api.factory import remove_quietly
+
+                        remove_quietly(boot_spec.memory_file)
                 opened = time.monotonic()
-                self.agent = await self._connect_agent(vm, started)
+                self.agent = await connect_agent(self.cfg, vm, started, self.sandbox_id)
                 self._stack.push_async_callback(self.agent.close)
+                if boot_spec.incoming is not None:
+                    await self._adopt_clone(vm, spec)
                 # The guest clock starts from the emulated RTC (seconds off, or a template's stale
                 # time after a restore): set it from the host.
                 await self.agent.set_guest_datetime()
                 ready = time.monotonic()
                 self.times = BootTimes(opened - started, ready - started)
-                log.info("guest ready", boot_seconds=round(ready - started, 3), accel=self.accel)
+                log.info("guest ready", boot_seconds=round(ready - started, 3), accel=self.accel,
+                         restored=boot_spec.incoming is not None)  # fmt: skip
             except BaseException:
                 await self._stack.aclose()
                 raise
 
-    async def _connect_agent(self, vm: Hypervisor, started: float) -> Any:
-        from cocoon.protocol.agent_client import AgentClient
-        from cocoon.protocol.ttrpc import Transport, UnixTransport, VsockTransport
+    async def _from_template(self, spec: VMSpec) -> VMSpec:
+        """A clone of the template for ``spec``'s shape (built first if needed), or ``spec`` itself
+        when it cannot use one."""
+        from cocoon.api import factory
 
-        channel = vm.agent_channel
-        transport: Transport = (
-            VsockTransport(channel.cid, channel.port) if channel.kind == "vsock" else UnixTransport(channel.path)
-        )
-        deadline = started + self.cfg.hypervisor.qemu.boot_timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            agent = None
-            try:
-                agent = await AgentClient.connect(transport, timeout=self.cfg.agent.call_timeout)
-                await agent.check(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
-                return agent
-            except CocoonError as exc:
-                last = exc
-                if agent is not None:
-                    with contextlib.suppress(Exception):
-                        await agent.close()
-                await asyncio.sleep(0.05)
-        raise BootError(
-            "guest agent did not answer",
-            sandbox=self.sandbox_id,
-            error=str(last) if last else None,
-            console_tail=vm.console_tail() or "(empty)",
-        )
+        why = factory.unfit(spec)
+        if why:
+            log.info("booting without a template", reason=why)
+            return spec
+        self.template = await factory.ensure_template(self.cfg, spec)
+        return factory.clone(self.cfg, self.template, spec)
+
+    async def _adopt_clone(self, vm: Hypervisor, spec: VMSpec) -> None:
+        """Make a template's clone this sandbox's VM: fresh randomness, then its shares and NICs."""
+        import os
+
+        from cocoon.api.pod_hotplug import wait_for_macs
+
+        await self.agent.reseed_random_dev(os.urandom(256))
+        for share in spec.shared_dirs:
+            await vm.hotplug_fs(share)
+        for nic in spec.nics:
+            await vm.hotplug_nic(nic)
+        if spec.nics:
+            await wait_for_macs(self.agent, [nic.mac for nic in spec.nics])
 
     async def _stop_vm(self) -> None:
         if self.vm is not None:
@@ -186,6 +194,38 @@ class GuestVM:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+async def connect_agent(cfg: Config, vm: Hypervisor, started: float, sandbox_id: str) -> Any:
+    """An agent client of ``vm`` once the agent answers, retrying until the boot deadline
+    (counted from ``started``); BootError with the console's tail otherwise."""
+    from cocoon.protocol.agent_client import AgentClient
+    from cocoon.protocol.ttrpc import Transport, UnixTransport, VsockTransport
+
+    channel = vm.agent_channel
+    transport: Transport = (
+        VsockTransport(channel.cid, channel.port) if channel.kind == "vsock" else UnixTransport(channel.path)
+    )
+    deadline = started + cfg.hypervisor.qemu.boot_timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        agent = None
+        try:
+            agent = await AgentClient.connect(transport, timeout=cfg.agent.call_timeout)
+            await agent.check(timeout=max(0.5, min(5.0, deadline - time.monotonic())))
+            return agent
+        except CocoonError as exc:
+            last = exc
+            if agent is not None:
+                with contextlib.suppress(Exception):
+                    await agent.close()
+            await asyncio.sleep(0.05)
+    raise BootError(
+        "guest agent did not answer",
+        sandbox=sandbox_id,
+        error=str(last) if last else None,
+        console_tail=vm.console_tail() or "(empty)",
+    )
 
 
 async def demo_report(cfg: Config) -> dict[str, Any]:

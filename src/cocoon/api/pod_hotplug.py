@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +108,7 @@ class PodInterfaces:
 
     async def _configure(self, agent: AgentClient, net: PodNetwork) -> NetInterface:
         iface = net.interfaces[0]
-        await self._wait_for_nic(agent, iface)
+        await wait_for_macs(agent, [iface.hw_addr])
         got = await agent.update_interface(iface)
         # UpdateRoutes sets the whole main table: every wired interface's routes, as the namespace has them now.
         names = {*self.names, iface.name}
@@ -118,17 +119,6 @@ class PodInterfaces:
         if neighbors:
             await agent.add_arp_neighbors(neighbors)
         return got
-
-    async def _wait_for_nic(self, agent: AgentClient, iface: NetInterface) -> None:
-        """The guest kernel shows the NIC a moment after the hot-plug (pciehp, virtio-net probe)."""
-        deadline = time.monotonic() + NIC_APPEAR_TIMEOUT
-        while True:
-            if any(i.hw_addr == iface.hw_addr for i in await agent.list_interfaces()):
-                return
-            if time.monotonic() > deadline:
-                raise NotFound("the guest did not show the hot-plugged NIC in time", hw_addr=iface.hw_addr,
-                               timeout=NIC_APPEAR_TIMEOUT)  # fmt: skip
-            await asyncio.sleep(0.1)
 
     async def _unplug(self, vm: Hypervisor, nic: NetDevice, name: str) -> None:
         try:
@@ -167,3 +157,18 @@ class PodInterfaces:
                 log.warning("cannot unwire a hot-plugged interface", error=str(exc), **self._context(name))
             else:
                 log.debug("hot-plugged interface unwired", **self._context(name))
+
+
+async def wait_for_macs(agent: AgentClient, macs: Iterable[str], timeout: float = NIC_APPEAR_TIMEOUT) -> None:
+    """Until the guest lists a NIC for each MAC: the guest kernel shows a hot-plugged NIC a moment
+    after the VMM added it (pciehp, virtio-net probe). NotFound after ``timeout``."""
+    wanted = {m.lower() for m in macs}
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = wanted - {i.hw_addr.lower() for i in await agent.list_interfaces()}
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise NotFound("the guest did not show the hot-plugged NIC in time", hw_addr=",".join(sorted(missing)),
+                           timeout=timeout)  # fmt: skip
+        await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -94,6 +94,8 @@ class VMSpec:
     shared_dirs: tuple[SharedDir, ...] = ()  # virtio-fs shares (imply shared_memory)
     nics: tuple[NetDevice, ...] = ()  # virtio-net devices on tap fds passed to the VMM
     hotplug_slots: int = 0  # free slots for devices added while the VM runs (0: no hot-plug)
+    memory_file: Path | None = None  # guest RAM in this file, mapped shared (templates and their clones)
+    incoming: Path | None = None  # restore this saved state instead of booting (a template's clone)
     extra_args: tuple[str, ...] = field(default=())
 
 
@@ -181,6 +183,22 @@ class Hypervisor(ABC):
         """Remove a NIC added by :meth:`hotplug_nic`: ask the guest to release it, wait up to
         ``timeout`` for that, then drop the VMM's end of the tap. HypervisorError if the guest does
         not release it in time (the VMM's tap end is dropped all the same)."""
+
+    @abstractmethod
+    async def hotplug_fs(self, share: SharedDir) -> None:
+        """Add a virtio-fs device for ``share`` (its vhost-user daemon listening already) to the
+        running VM: how a template's clone gets its shares. HypervisorError without a free slot."""
+
+    @abstractmethod
+    async def agent_handover(self, close: Callable[[], Awaitable[None]]) -> None:
+        """Run ``close`` (the host closing its agent connection) and return once the guest agent
+        waits for the next host: the state a template must be saved in."""
+
+    @abstractmethod
+    async def save(self, state_file: Path) -> None:
+        """Pause the VM and write its device state to ``state_file``; the RAM stays in
+        ``spec.memory_file``. A spec with ``incoming=state_file`` and a copy of that memory file
+        restores it. The VM is paused afterwards: stop it."""
 
     async def __aenter__(self) -> Self:
         try:

@@ -18,12 +18,13 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from cocoon.errors import BootError, HypervisorError, InvalidArgument
 from cocoon.hypervisors.arch import arch_info, machine_info, tsc_khz
-from cocoon.hypervisors.base import AgentChannel, Capabilities, Hypervisor, NetDevice, VMSpec, VMState
+from cocoon.hypervisors.base import AgentChannel, Capabilities, Hypervisor, NetDevice, SharedDir, VMSpec, VMState
 from cocoon.log import get_logger
 from cocoon.util import proc as procs
 
@@ -32,6 +33,7 @@ agent_log = get_logger("agent")
 
 AGENT_PORT_NAME = "cocoon.agent"
 AGENT_PORT_ID = "agentport"
+_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 #: Most hot-plug root ports: each takes a device number of the root bus (32, shared with q35's own devices).
 MAX_HOTPLUG_SLOTS = 16
 
@@ -69,7 +71,13 @@ def build_argv(spec: VMSpec) -> list[str]:
     if spec.hotplug_slots and machine.bus == "mmio":
         machine_opts += ",pcie=on"  # a GPEX PCIe host bridge next to virtio-mmio: root ports hang on it
     argv = [spec.binary or info.qemu_binary, "-name", f"cocoon-{spec.sandbox_id},debug-threads=on"]
-    if spec.shared_memory or spec.shared_dirs:
+    if spec.memory_file is not None:
+        # Shared, so that a vhost-user daemon (virtiofsd) can map it too, and x-ignore-shared
+        # leaves it out of a saved state.
+        argv += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={spec.memory_file},"
+                            "share=on"]  # fmt: skip
+        machine_opts += ",memory-backend=mem"
+    elif spec.shared_memory or spec.shared_dirs:
         argv += ["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on"]
         machine_opts += ",memory-backend=mem"
     argv += ["-M", machine_opts]
@@ -112,6 +120,8 @@ def build_argv(spec: VMSpec) -> list[str]:
         ]  # fmt: skip
     for i in range(spec.hotplug_slots):
         argv += ["-device", f"pcie-root-port,id={hotplug_port(i)},chassis={i + 1},bus=pcie.0"]
+    if spec.incoming is not None:
+        argv += ["-incoming", "defer"]  # the state arrives over QMP (an fd), after capabilities are set
     argv += list(spec.extra_args)
     return argv
 
@@ -217,7 +227,9 @@ class QemuVM(Hypervisor):
         log.info("qemu started", sandbox=self.spec.sandbox_id, qemu_pid=self._proc.pid, accel=self.spec.accel)
         self._console_task = asyncio.create_task(self._follow_console())
         await self._connect_qmp()
-        if self.spec.channel == "virtio-serial":
+        if self.spec.incoming is not None:
+            await self._restore(self.spec.incoming)
+        elif self.spec.channel == "virtio-serial":
             await self._wait_agent_port()
         self.ready_at = time.monotonic()
         self.state = VMState.RUNNING
@@ -272,6 +284,83 @@ class QemuVM(Hypervisor):
         if exited in done:
             raise self._boot_error("qemu exited before the agent came up", exit_code=self._proc.returncode)
         raise self._boot_error("guest agent did not open its channel in time", timeout=timeout)
+
+    # -- templates -----------------------------------------------------------------------------
+    async def _restore(self, state_file: Path) -> None:
+        """Load a saved state into this (``-incoming defer``) QEMU, RAM from ``spec.memory_file``."""
+        assert self._proc is not None
+        try:
+            fd = os.open(state_file, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._boot_error(f"cannot open the saved state: {exc.strerror}", path=str(state_file)) from exc
+        try:
+            await self.qmp("migrate-set-capabilities", _IGNORE_SHARED)
+            async with self._hotplug_lock:
+                await self._pass_fd(fd, "incoming")
+                await self.qmp("migrate-incoming", {"uri": "fd:incoming"})
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + self.spec.boot_timeout
+        while True:
+            try:
+                status = (await self.qmp("query-status"))["status"]
+            except HypervisorError:
+                status = "gone" if self._proc.poll() is not None else "inmigrate"
+            if self._proc.poll() is not None:  # QEMU exits when the state does not fit the machine
+                raise self._boot_error("qemu exited while restoring a saved VM", exit_code=self._proc.returncode,
+                                       path=str(state_file))  # fmt: skip
+            if status != "inmigrate":
+                break
+            if time.monotonic() > deadline:
+                raise self._boot_error("restoring a saved VM timed out", timeout=self.spec.boot_timeout)
+            await asyncio.sleep(0.005)
+        if status != "running":
+            await self.qmp("cont")
+        log.info("vm restored", sandbox=self.spec.sandbox_id, seconds=round(time.monotonic() - self.started_at, 3))
+
+    async def save(self, state_file: Path) -> None:
+        self._require(VMState.RUNNING, VMState.PAUSED, action="save")
+        if self.spec.memory_file is None:
+            raise HypervisorError("only a VM whose RAM is in a file can be saved", sandbox=self.spec.sandbox_id)
+        if self.state == VMState.RUNNING:
+            await self.qmp("stop")
+            self.state = VMState.PAUSED
+        await self.qmp("migrate-set-capabilities", _IGNORE_SHARED)
+        fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            async with self._hotplug_lock:
+                await self._pass_fd(fd, "outgoing")
+                await self.qmp("migrate", {"uri": "fd:outgoing"})
+        finally:
+            os.close(fd)
+        deadline = time.monotonic() + 60.0
+        while (info := await self.qmp("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+            if time.monotonic() > deadline:
+                raise HypervisorError("saving the VM timed out", sandbox=self.spec.sandbox_id, path=str(state_file))
+            await asyncio.sleep(0.01)
+        if info.get("status") != "completed":
+            raise HypervisorError("saving the VM failed", sandbox=self.spec.sandbox_id, path=str(state_file),
+                                  error=info.get("error-desc", info.get("status")))  # fmt: skip
+        log.info("vm saved", sandbox=self.spec.sandbox_id, path=str(state_file), bytes=os.path.getsize(state_file))
+
+    async def agent_handover(self, close: Callable[[], Awaitable[None]]) -> None:
+        if self.spec.channel != "virtio-serial" or self._qmp is None:
+            await close()
+            return
+        # The guest reopens its port once it saw the host go (chardev.py): wait for that open.
+        with self._qmp.listener("VSERPORT_CHANGE") as events:
+            await close()
+
+            async def reopened() -> None:
+                async for event in events:
+                    data = event.get("data", {})
+                    if data.get("id") == AGENT_PORT_ID and data.get("open"):
+                        return
+
+            try:
+                await asyncio.wait_for(reopened(), 10.0)
+            except TimeoutError:
+                raise HypervisorError("the guest agent did not reopen its port", sandbox=self.spec.sandbox_id) from None
 
     async def stop(self, *, timeout: float = 5.0) -> int | None:
         proc = self._proc
@@ -357,6 +446,29 @@ class QemuVM(Hypervisor):
                 raise
             self._slots[slot] = nic.id
         log.info("nic hot-plugged", port=hotplug_port(slot), mac=nic.mac, **ctx)
+
+    async def hotplug_fs(self, share: SharedDir) -> None:
+        """``chardev-add`` (a client of the share's vhost-user socket), ``device_add
+        vhost-user-fs-pci`` on a free root port; the chardev goes again if the device fails."""
+        self._require(VMState.RUNNING, action="hot-plug a share")
+        device = f"fs-{share.tag}"
+        chardev = f"{device}-chr"
+        ctx: dict[str, Any] = {"sandbox": self.spec.sandbox_id, "tag": share.tag}
+        async with self._hotplug_lock:
+            slot = self._free_slot(device)
+            await self.qmp("chardev-add", {"id": chardev, "backend": {"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": str(share.socket)}}, "server": False}}})  # fmt: skip
+            try:
+                await self.qmp("device_add", {"driver": "vhost-user-fs-pci", "id": device, "chardev": chardev,
+                                              "tag": share.tag, "bus": hotplug_port(slot), "queue-size": 1024})
+            except BaseException as exc:
+                with contextlib.suppress(HypervisorError):
+                    await self.qmp("chardev-remove", {"id": chardev})
+                if isinstance(exc, HypervisorError):
+                    exc.add_context(port=hotplug_port(slot), **ctx)
+                raise
+            self._slots[slot] = device
+        log.info("share hot-plugged", port=hotplug_port(slot), **ctx)
 
     def _free_slot(self, nic_id: str) -> int:
         for slot, used in enumerate(self._slots):
@@ -451,7 +563,8 @@ def forward_console_line(line: str, sandbox_id: str) -> None:
             level = _LEVELS.get(str(record.pop("level", "info")), logging.INFO)
             msg = str(record.pop("msg"))
             fields = {f"guest_{k}" if k in ("time", "pid") else k: v for k, v in record.items() if k != "subsystem"}
-            fields.setdefault("sandbox", sandbox_id)
+            # The host knows whose console this is: a template's clone still says "template".
+            fields["sandbox"] = sandbox_id
             agent_log.log(level, msg, **fields)
             return
     log.debug("guest console", sandbox=sandbox_id, line=line)

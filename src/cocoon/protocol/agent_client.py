@@ -104,6 +104,16 @@ class AgentClient:
         """AgentService.DestroySandbox: stop everything in the guest and power it off."""
         await self._call(AGENT_SERVICE, "DestroySandbox", agent_pb2.DestroySandboxRequest(), empty_pb2.Empty, timeout)
 
+    async def prepare_snapshot(self, *, timeout: float | None = None) -> None:
+        """AgentService.PrepareSnapshot: returns once the guest can be saved as a template."""
+        await self._call(AGENT_SERVICE, "PrepareSnapshot", agent_pb2.PrepareSnapshotRequest(), empty_pb2.Empty,
+                         timeout)  # fmt: skip
+
+    async def reseed_random_dev(self, data: bytes, *, timeout: float | None = None) -> None:
+        """AgentService.ReseedRandomDev: credit ``data`` to the guest's random pool and reseed its CRNG."""
+        await self._call(AGENT_SERVICE, "ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=data),
+                         empty_pb2.Empty, timeout)  # fmt: skip
+
     async def close(self) -> None:
         await self.client.close()
 

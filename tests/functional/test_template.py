@@ -1,0 +1,81 @@
+"""VM templating (cocoon.api.factory): the first sandbox of a shape builds and saves a template,
+every sandbox starts by restoring it. Checked on real VMs: containers run in restored sandboxes
+with their own shares and hostnames, clones do not share random numbers (the agent reseeds the
+guest's CRNG), a stale-free guest clock, nothing of a clone is left behind, and a template that
+does not fit the machine fails the start clearly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from test_sandbox_api import bundle_with_volume, needs_root
+
+from cocoon.api import factory
+from cocoon.api.guest import GuestVM
+from cocoon.api.sandbox import Sandbox
+from cocoon.errors import BootError
+
+pytestmark = [pytest.mark.vm, needs_root]
+
+
+@pytest.fixture
+def tcfg(cfg):
+    """``cfg`` with templates on, kept in a tmpfs directory of this test."""
+    directory = Path(f"/dev/shm/cocoon-test-templates-{os.getpid()}")
+    shutil.rmtree(directory, ignore_errors=True)
+    yield dataclasses.replace(cfg, factory=dataclasses.replace(cfg.factory, template=True,
+                                                               template_dir=str(directory)))  # fmt: skip
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _run_in_sandbox(cfg, tmp_path: Path, name: str) -> tuple[bytes, GuestVM]:
+    volume = tmp_path / f"vol-{name}"
+    volume.mkdir()
+    (volume / "f").write_text(f"volume of {name}\n")
+    spec = bundle_with_volume(tmp_path / name, ["sh", "-c", "hostname; cat /data/f; date +%s; "
+                                                "head -c 16 /dev/urandom | od -A n -t x1"], volume)  # fmt: skip
+    async with Sandbox(cfg, f"tpl-{name}-{os.getpid()}", tmp_path / f"sb-{name}", hostname=name) as sb:
+        c = await sb.create_container("c", spec)
+        await c.start()
+        out, err, status = await c.init.output()
+        assert status == 0, (out, err)
+        guest = sb._guest
+        assert guest is not None
+        return out, guest
+
+
+async def test_sandboxes_start_from_a_template(tcfg, no_leaks, tmp_path):
+    out_a, guest_a = await _run_in_sandbox(tcfg, tmp_path, "a")
+    out_b, guest_b = await _run_in_sandbox(tcfg, tmp_path, "b")
+    for out, guest, name in ((out_a, guest_a, "a"), (out_b, guest_b, "b")):
+        assert guest.template is not None and guest.vm is not None and guest.vm.spec.incoming is not None
+        lines = out.decode().splitlines()
+        assert lines[0] == "cocoon-demo" and lines[1] == f"volume of {name}", lines  # the spec's hostname
+        assert abs(int(lines[2]) - time.time()) < 120, lines  # the clock is now's, not the template's
+    assert out_a.splitlines()[3] != out_b.splitlines()[3], "two clones drew the same random bytes"
+    assert guest_a.template == guest_b.template  # one template for both
+    templates = factory.list_templates(tcfg)
+    assert len(templates) == 1 and templates[0]["hotplug_slots"] == factory.EXTRA_SLOTS, templates
+    # No clone left its RAM copy behind, and the template is complete.
+    base = Path(tcfg.factory.template_dir)
+    assert sorted(p.name for p in base.iterdir()) == sorted([templates[0]["key"], f"{templates[0]['key']}.lock"])
+    assert {p.name for p in guest_a.template.directory.iterdir()} >= {"ram", "state", "meta.json"}
+    assert factory.destroy_templates(tcfg) == [templates[0]["key"]]
+    assert factory.list_templates(tcfg) == []
+
+
+async def test_a_template_that_does_not_fit_fails_clearly(tcfg, no_leaks, tmp_path):
+    guest = GuestVM(tcfg, f"tpl-bad-{os.getpid()}", tmp_path / "g")
+    spec = await guest._spec()
+    template = await factory.ensure_template(tcfg, spec)
+    template.state.write_bytes(b"QEVM not really a saved state")
+    with pytest.raises(BootError, match="restoring a saved VM") as err:
+        await GuestVM(tcfg, f"tpl-bad2-{os.getpid()}", tmp_path / "g2").start()
+    assert err.value.context.get("qemu_stderr"), err.value.context
+    assert not list(Path(tcfg.factory.template_dir).glob("clone-*"))
