@@ -37,19 +37,31 @@ def timed(argv: list[str], **kw: object) -> float:
     return time.monotonic() - t
 
 
-def lifecycle(runtime: list[str], root: Path, bundle: Path, cid: str) -> float:
+def lifecycle(runtime: list[str], root: Path, bundle: Path, cid: str, env: dict[str, str] | None = None) -> float:
     """create + start + wait for exit + delete, as containerd would drive it (run = all of it)."""
-    return timed([*runtime, "--root", str(root), "run", "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL)
+    return timed([*runtime, "--root", str(root), "run", "--bundle", str(bundle), cid], stdin=subprocess.DEVNULL,
+                 env=env)  # fmt: skip
 
 
-def peers(tmp: Path) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {"cocoon": COCOON}
+def template_env(tmp: Path) -> dict[str, str]:
+    """cocoon's environment with VM templates on (their own directory, removed by the caller)."""
+    conf = tmp / "template.toml"
+    conf.write_text(f'[factory]\ntemplate = true\ntemplate_dir = "{TEMPLATE_DIR}"\n')
+    return {**os.environ, "COCOON_CONFIG": str(conf)}
+
+
+TEMPLATE_DIR = f"/dev/shm/cocoon-bench-templates-{os.getpid()}"
+
+
+def peers(tmp: Path) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    found: dict[str, tuple[list[str], dict[str, str] | None]] = {
+        "cocoon": (COCOON, None), "cocoon (template)": (COCOON, template_env(tmp))}  # fmt: skip
     if shutil.which("runc"):
-        found["runc"] = ["runc"]
+        found["runc"] = (["runc"], None)
     if shutil.which("crun"):
-        found["crun"] = ["crun", "--cgroup-manager=disabled"]
+        found["crun"] = (["crun", "--cgroup-manager=disabled"], None)
     if shutil.which("runsc"):
-        found["runsc"] = ["runsc", "--network=none", "--ignore-cgroups"]
+        found["runsc"] = (["runsc", "--network=none", "--ignore-cgroups"], None)
     return found
 
 
@@ -63,7 +75,7 @@ def bare_qemu(runs: int) -> list[float]:
     guest = GuestVM(cfg, "bench-bare", Path(tempfile.mkdtemp()))
     import asyncio
 
-    spec = asyncio.run(guest._spec())
+    spec = asyncio.run(guest.vm_spec())
     return [bare_boot(dataclasses.replace(spec, workdir=Path(tempfile.mkdtemp()))) for _ in range(runs)]
 
 
@@ -89,14 +101,14 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def idle_memory(tmp: Path) -> tuple[float, int]:
+def idle_memory(tmp: Path, name: str, env: dict[str, str] | None = None) -> tuple[float, int]:
     """PSS (MiB) of every host process of one idle running cocoon container, and how many there are."""
-    root = tmp / "root-mem"
-    bundle = make_bundle(tmp / "bundle-mem", ["sleep", "600"])
-    pid_file = tmp / "mem.pid"
+    root = tmp / f"root-mem-{name}"
+    bundle = make_bundle(tmp / f"bundle-mem-{name}", ["sleep", "600"])
+    pid_file = tmp / f"mem-{name}.pid"
     subprocess.run([*COCOON, "--root", str(root), "run", "-d", "--bundle", str(bundle), "--pid-file", str(pid_file),
                     "mem"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                   check=True, timeout=300)  # fmt: skip
+                   check=True, timeout=300, env=env)  # fmt: skip
     try:
         time.sleep(3)
         procs = _descendants(int(pid_file.read_text()))
@@ -104,7 +116,7 @@ def idle_memory(tmp: Path) -> tuple[float, int]:
         return total / 1024, len(procs)
     finally:
         subprocess.run([*COCOON, "--root", str(root), "delete", "--force", "mem"], capture_output=True, check=False,
-                       timeout=120)  # fmt: skip
+                       timeout=120, env=env)  # fmt: skip
 
 
 def main() -> None:
@@ -117,10 +129,12 @@ def main() -> None:
         tmp = Path(tmp_s)
         bundle = make_bundle(tmp / "bundle", ["echo", "hello"])
         results: dict[str, float] = {}
-        for name, argv in peers(tmp).items():
-            root = tmp / f"root-{name}"
+        for name, (argv, env) in peers(tmp).items():
+            root = tmp / f"root-{name.split()[0]}"
             try:
-                times = [lifecycle(argv, root, bundle, f"b{i}") for i in range(args.runs)]
+                if env is not None:  # the first run builds the template: not counted
+                    lifecycle(argv, root, bundle, "warm", env)
+                times = [lifecycle(argv, root, bundle, f"b{i}", env) for i in range(args.runs)]
             except SystemExit as exc:
                 rows.append([name, "failed", str(exc)[:60]])
                 continue
@@ -136,17 +150,20 @@ def main() -> None:
                 subprocess.run([*argv, "--root", str(root), "delete", "--force", "lat"], capture_output=True,
                                check=False, timeout=120)  # fmt: skip
         results["bare QEMU boot"] = median(bare_qemu(args.runs))
-        mem_mib, nprocs = idle_memory(tmp)
-    base = results.get("cocoon", 0.0)
+        memory = {"cocoon": idle_memory(tmp, "cold"), "cocoon (template)": idle_memory(tmp, "tpl", template_env(tmp))}
+    shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
+    base, tpl = results.get("cocoon", 0.0), results.get("cocoon (template)", 0.0)
     for name, value in results.items():
-        rows.append([name, f"{value:.3f}", f"{base / value:.1f}x" if value else "-"])
+        rows.append([name, f"{value:.3f}", f"{base / value:.2f}x" if value else "-",
+                     f"{tpl / value:.2f}x" if value else "-"])  # fmt: skip
     print(table(f"hello container: run (create+start+wait+delete), median of {args.runs}",
-                ["runtime", "seconds", "cocoon / this"], rows))  # fmt: skip
+                ["runtime", "seconds", "cocoon / this", "cocoon (template) / this"], rows))  # fmt: skip
     print()
     print(table("CLI latency, median of 20 (ms)", ["runtime", "state", "list"], lat_rows))
     print()
-    print(f"idle running container: {mem_mib:.1f} MiB PSS over {nprocs} host processes "
-          f"(monitor, QEMU, virtiofsd; guest RAM {config.load().hypervisor.qemu.memory_mib} MiB)")
+    for name, (mem_mib, nprocs) in memory.items():
+        print(f"idle running container, {name}: {mem_mib:.1f} MiB PSS over {nprocs} host processes "
+              f"(monitor, QEMU, virtiofsd; guest RAM {config.load().hypervisor.qemu.memory_mib} MiB)")
 
 
 if __name__ == "__main__":

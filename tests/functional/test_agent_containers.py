@@ -155,7 +155,7 @@ async def test_containers_in_a_vm(cfg, workdir, tmp_path, no_leaks) -> None:
     timings: dict[str, float] = {}
     # Resolve the accelerator first: the KVM probe boot (accel.choose_accel) starts QEMU with the
     # spec's shared_dirs too and would take virtiofsd's only connection. Its result is cached.
-    await GuestVM(cfg, "t-ctr", workdir)._spec()
+    await GuestVM(cfg, "t-ctr", workdir).vm_spec()
     with VirtioFsDaemon(share, workdir / "vfs.sock", tag=SHARE_TAG) as shared:
         t0 = time.monotonic()
         async with GuestVM(cfg, "t-ctr", workdir, shared_dirs=(shared,)) as guest:

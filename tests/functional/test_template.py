@@ -72,7 +72,7 @@ async def test_sandboxes_start_from_a_template(tcfg, no_leaks, tmp_path):
 
 async def test_a_template_that_does_not_fit_fails_clearly(tcfg, no_leaks, tmp_path):
     guest = GuestVM(tcfg, f"tpl-bad-{os.getpid()}", tmp_path / "g")
-    spec = await guest._spec()
+    spec = await guest.vm_spec()
     template = await factory.ensure_template(tcfg, spec)
     template.state.write_bytes(b"QEVM not really a saved state")
     with pytest.raises(BootError, match="restoring a saved VM") as err:

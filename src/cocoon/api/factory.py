@@ -237,3 +237,14 @@ def list_templates(cfg: Config) -> list[dict[str, Any]]:
         if (entry / "meta.json").is_file():
             found.append(Template(entry).meta)
     return found
+
+
+async def init_default(cfg: Config) -> Template:
+    """The template for the configured default guest (``cocoon factory init``), built if missing."""
+    import tempfile
+
+    from cocoon.api.guest import GuestVM
+
+    with tempfile.TemporaryDirectory(prefix="factory-") as tmp:
+        spec = await GuestVM(cfg, TEMPLATE_SANDBOX, Path(tmp)).vm_spec()
+    return await ensure_template(cfg, spec)

@@ -69,7 +69,8 @@ class GuestVM:
         self.template: Any = None  # cocoon.api.factory.Template this VM was restored from
         self._stack = AsyncExitStack()
 
-    async def _spec(self) -> VMSpec:
+    async def vm_spec(self) -> VMSpec:
+        """What this guest boots with: image, accelerator (probed once, cached) and size resolved."""
         from cocoon.hypervisors.accel import choose_accel
         from cocoon.hypervisors.arch import arch_info
         from cocoon.image import find_image
@@ -115,7 +116,7 @@ class GuestVM:
 
         with bind(sandbox=self.sandbox_id):
             try:
-                spec = await self._spec()
+                spec = await self.vm_spec()
                 boot_spec = await self._from_template(spec) if self.cfg.factory.template else spec
                 vm = get_driver(self.cfg.hypervisor.driver)(boot_spec)
                 self.vm = vm

@@ -89,6 +89,34 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_factory(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cocoon.api import factory
+
+    cfg = _config(args)
+    if args.factory_command == "init":
+        template = asyncio.run(factory.init_default(cfg))
+        meta = template.meta
+        print(f"template {meta['key']}: {meta['memory_mib']} MiB, {meta['vcpus']} vCPU, {meta['accel']}, "
+              f"{meta['ram_bytes'] / 2**20:.0f} MiB of RAM saved in {template.directory}")  # fmt: skip
+        if not cfg.factory.template:
+            print("note: [factory] template is off: sandboxes will not use it")
+    elif args.factory_command == "status":
+        found = factory.list_templates(cfg)
+        if args.json:
+            print(json.dumps({"enabled": cfg.factory.template, "templates": found}, indent=2))
+        else:
+            print(f"templates {'on' if cfg.factory.template else 'off'} ({cfg.factory.template_dir})")
+            for meta in found:
+                print(f"  {meta['key']}  {meta['memory_mib']} MiB  {meta['vcpus']} vCPU  {meta['accel']}  "
+                      f"{meta['ram_bytes'] / 2**20:.0f} MiB RAM  built in {meta['boot_seconds']} s")  # fmt: skip
+    else:
+        for key in factory.destroy_templates(cfg):
+            print(f"removed {key}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 

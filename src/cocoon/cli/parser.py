@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even when the cache is current")
     b.add_argument("--json", action="store_true", help="machine-readable output")
 
+    fac = sub.add_parser("factory", help="VM templates: sandboxes start by restoring one ([factory] template)")
+    fac_sub = fac.add_subparsers(dest="factory_command", metavar="ACTION")
+    fac_sub.required = True
+    fac_sub.add_parser("init", help="build the template for the configured guest (else the first sandbox does)")
+    fst = fac_sub.add_parser("status", help="list the saved templates")
+    fst.add_argument("--json", action="store_true", help="machine-readable output")
+    fac_sub.add_parser("destroy", help="remove every saved template")
+
     _runc_commands(sub)
 
     d = sub.add_parser("demo", help="run a built-in busybox container in its own VM")
