@@ -136,7 +136,7 @@ def main() -> None:
                     lifecycle(argv, root, bundle, "warm", env)
                 times = [lifecycle(argv, root, bundle, f"b{i}", env) for i in range(args.runs)]
             except SystemExit as exc:
-                rows.append([name, "failed", str(exc)[:60]])
+                rows.append([name, "failed", str(exc)[:60], ""])
                 continue
             results[name] = median(times)
             # state/list latency on a root holding one (stopped or created) container

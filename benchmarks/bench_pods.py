@@ -32,8 +32,9 @@ from cocoon.api.demo_image import PAUSE_CMD, export, make_layout
 IMAGE, PAUSE = "localhost/bench-busybox:latest", "localhost/bench-pause:latest"
 
 
-def start_containerd(d: Path) -> subprocess.Popen[bytes]:
-    (d / "cocoon.toml").write_text(f'[runtime]\nroot = "{d}/cocoon"\n')
+def start_containerd(d: Path, template_dir: str = "") -> subprocess.Popen[bytes]:
+    factory = f'[factory]\ntemplate = true\ntemplate_dir = "{template_dir}"\n' if template_dir else ""
+    (d / "cocoon.toml").write_text(f'[runtime]\nroot = "{d}/cocoon"\n{factory}')
     (d / "config.toml").write_text(f"""version = 2
 root = "{d}/root"
 state = "{d}/state"
@@ -143,7 +144,9 @@ def measure(pods: Pods, d: Path, handler: str, n: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parallel", type=int, default=5)
+    ap.add_argument("--template", action="store_true", help="cocoon's pods restore a template VM (docs/factory.md)")
     args = ap.parse_args()
+    template_dir = f"/dev/shm/cocoon-bench-pods-{os.getpid()}" if args.template else ""
     for binary in ("containerd", "ctr", "umoci", "skopeo", "containerd-shim-cocoon-v2"):
         if shutil.which(binary) is None:
             raise SystemExit(f"{binary} is not installed (make deps)")
@@ -152,13 +155,15 @@ def main() -> None:
         layout = make_layout(d / "image")
         busybox = export(layout, "latest", IMAGE, d / "busybox.tar")
         pause = export(layout, "pause", PAUSE, d / "pause.tar", cmd=PAUSE_CMD)
-        proc = start_containerd(d)
+        proc = start_containerd(d, template_dir)
         try:
             for archive in (busybox, pause):
                 subprocess.run(["ctr", "-a", f"{d}/c.sock", "-n", "k8s.io", "image", "import", str(archive)],
                                capture_output=True, check=True, timeout=300)  # fmt: skip
             pods = Pods(d)
             rows = []
+            if template_dir:
+                measure(pods, d, "cocoon", 1)  # builds the template: not counted
             for n in (1, args.parallel):
                 results = {h: measure(pods, d, h, n) for h in ("runc", "cocoon")}
                 (rt, rm), (ct, cm) = results["runc"], results["cocoon"]
@@ -166,11 +171,14 @@ def main() -> None:
                              f"{cm / rm:.1f}x"])  # fmt: skip
             header = ["pods", "cocoon s", "runc s", "ratio", "cocoon MiB/pod", "runc MiB/pod", "ratio"]
             print(table("pods through CRI (RunPodSandbox+CreateContainer+StartContainer to first output; "
-                        "PSS of the pod's host processes)", header, rows))  # fmt: skip
+                        f"PSS of the pod's host processes){', cocoon from a template' if template_dir else ''}",
+                        header, rows))  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(timeout=30)
             subprocess.run(["umount", "-R", "-l", str(d)], capture_output=True, check=False)
+            if template_dir:
+                shutil.rmtree(template_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,28 @@ async def test_a_template_that_does_not_fit_fails_clearly(tcfg, no_leaks, tmp_pa
         await GuestVM(tcfg, f"tpl-bad2-{os.getpid()}", tmp_path / "g2").start()
     assert err.value.context.get("qemu_stderr"), err.value.context
     assert not list(Path(tcfg.factory.template_dir).glob("clone-*"))
+
+
+def test_cli_containers_restore_from_a_template(tcfg, no_leaks, tmp_path):
+    # The real CLI (monitor, stand-in, exec through the control socket) on a restored sandbox.
+    import subprocess
+
+    from test_containers import Cli
+
+    from cocoon.api.bundle import make_bundle
+
+    conf = tmp_path / "cocoon.toml"
+    conf.write_text(f'[factory]\ntemplate = true\ntemplate_dir = "{tcfg.factory.template_dir}"\n')
+    cli = Cli(tmp_path / "root", {**os.environ, "COCOON_CONFIG": str(conf)})
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "cat /etc/hostname; exit 7"])
+    first = cli("run", "--bundle", str(bundle), "t1", stdin=subprocess.DEVNULL)
+    assert (first.returncode, first.stdout) == (7, "cocoon-demo\n"), first.stderr
+    assert len(factory.list_templates(tcfg)) == 1  # the first run built it; the second restores it
+    sleeper = make_bundle(tmp_path / "s", ["sleep", "600"])
+    created = cli.detached(tmp_path, "create", "--bundle", str(sleeper), "t2")
+    assert created.returncode == 0, created.stderr
+    try:
+        probe = cli("exec", "t2", "sh", "-c", "grep -c virtiofs /proc/mounts; ls /")
+        assert probe.returncode == 0 and "bin" in probe.stdout.split(), probe.stdout + probe.stderr
+    finally:
+        assert cli("delete", "--force", "t2").returncode == 0
