@@ -92,7 +92,7 @@ def test_cli_containers_restore_from_a_template(tcfg, no_leaks, tmp_path):
     conf = tmp_path / "cocoon.toml"
     conf.write_text(f'[factory]\ntemplate = true\ntemplate_dir = "{tcfg.factory.template_dir}"\n')
     cli = Cli(tmp_path / "root", {**os.environ, "COCOON_CONFIG": str(conf)})
-    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "cat /etc/hostname; exit 7"])
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "hostname; exit 7"])
     first = cli("run", "--bundle", str(bundle), "t1", stdin=subprocess.DEVNULL)
     assert (first.returncode, first.stdout) == (7, "cocoon-demo\n"), first.stderr
     assert len(factory.list_templates(tcfg)) == 1  # the first run built it; the second restores it
@@ -100,6 +100,7 @@ def test_cli_containers_restore_from_a_template(tcfg, no_leaks, tmp_path):
     created = cli.detached(tmp_path, "create", "--bundle", str(sleeper), "t2")
     assert created.returncode == 0, created.stderr
     try:
+        assert cli("start", "t2").returncode == 0
         probe = cli("exec", "t2", "sh", "-c", "grep -c virtiofs /proc/mounts; ls /")
         assert probe.returncode == 0 and "bin" in probe.stdout.split(), probe.stdout + probe.stderr
     finally:

@@ -118,6 +118,10 @@ class GuestVM:
             try:
                 spec = await self.vm_spec()
                 boot_spec = await self._from_template(spec) if self.cfg.factory.template else spec
+                if boot_spec.incoming is not None:
+                    from cocoon.api.factory import remove_quietly
+
+                    self._stack.callback(remove_quietly, boot_spec.memory_file)  # if the VMM never got it
                 vm = get_driver(self.cfg.hypervisor.driver)(boot_spec)
                 self.vm = vm
                 self._stack.push_async_callback(self._stop_vm)
@@ -126,8 +130,6 @@ class GuestVM:
                     await vm.start()
                 finally:
                     if boot_spec.incoming is not None:  # the VMM maps it (or failed): no name needed
-                        from cocoon.api.factory import remove_quietly
-
                         remove_quietly(boot_spec.memory_file)
                 opened = time.monotonic()
                 self.agent = await connect_agent(self.cfg, vm, started, self.sandbox_id)
