@@ -148,6 +148,36 @@ def check_image(cfg: Config) -> Result:
     return Result("guest image", Status.OK, f"{image.kernel} + {image.initrd} ({image.size_bytes // 1024} KiB)")
 
 
+TMPFS_MAGIC = 0x01021994
+
+
+def _is_tmpfs(path: str) -> bool:
+    """True if ``path`` (or its nearest existing parent) is on a tmpfs."""
+    import ctypes
+    import ctypes.util
+
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    buf = ctypes.create_string_buffer(128)  # struct statfs; f_type is its first field
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.statfs(str(probe).encode(), buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:8], "little") == TMPFS_MAGIC
+
+
+def check_factory(cfg: Config) -> Result:
+    f = cfg.factory
+    if not f.template:
+        return Result("vm templates", Status.OK, "off: every sandbox boots ([factory] template = true restores)")
+    if not _is_tmpfs(f.template_dir):
+        return Result("vm templates", Status.WARN, f"{f.template_dir} is not on a tmpfs: guest RAM files go to disk",
+                      "set [factory] template_dir on a tmpfs such as /dev/shm")  # fmt: skip
+    from cocoon.api.factory import list_templates
+
+    return Result("vm templates", Status.OK, f"on, {len(list_templates(cfg))} saved in {f.template_dir}")
+
+
 CHECKS: tuple[Callable[[Config], Result], ...] = (
     check_arch,
     check_qemu,
@@ -157,6 +187,7 @@ CHECKS: tuple[Callable[[Config], Result], ...] = (
     check_cgroups,
     check_virtiofsd,
     check_image,
+    check_factory,
 )
 
 

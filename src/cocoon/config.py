@@ -90,7 +90,7 @@ class RuntimeConfig:
 class FactoryConfig:
     """[factory]: boot sandboxes by restoring a saved template VM."""
 
-    template: bool = False  # start sandboxes by restoring a saved template VM (docs/factory.md)
+    template: bool = True  # start sandboxes by restoring a saved template VM (docs/factory.md)
     template_dir: str = "/dev/shm/cocoon/templates"  # a tmpfs: templates' and clones' guest RAM live here
 
 

@@ -18,9 +18,12 @@ def _with_qemu(cfg, **changes):
     return dataclasses.replace(cfg, hypervisor=dataclasses.replace(cfg.hypervisor, qemu=q))
 
 
-async def test_boot_check_details_datetime_stop(cfg, workdir, no_leaks):
+@pytest.mark.parametrize("template", [False, True], ids=["cold-boot", "from-template"])
+async def test_boot_check_details_datetime_stop(cfg, workdir, no_leaks, template):
+    cfg = dataclasses.replace(cfg, factory=dataclasses.replace(cfg.factory, template=template))
     async with GuestVM(cfg, "t-boot", workdir) as guest:
         assert guest.times is not None and guest.times.agent_ready > 0
+        assert (guest.vm.spec.incoming is not None) == template and (guest.template is not None) == template
         version = await guest.agent.version()
         assert version.agent_version
         details = await guest.agent.guest_details()

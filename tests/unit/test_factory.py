@@ -49,6 +49,7 @@ def test_what_cannot_use_a_template(spec, tmp_path):
     many = tuple(NetDevice(f"net{i}", i, f"02:00:00:00:00:0{i}") for i in range(factory.EXTRA_SLOTS + 1))
     assert "shares and NICs" in factory.unfit(dataclasses.replace(spec, nics=many))
     assert "extra" in factory.unfit(dataclasses.replace(spec, extra_args=("-S",)))
+    assert "not found" in factory.unfit(dataclasses.replace(spec, kernel=tmp_path / "none"))
 
 
 def test_clone_command_line_restores_from_the_file(spec, tmp_path):
@@ -126,3 +127,44 @@ def test_virtiofs_mount_waits_for_a_hot_plugged_tag(monkeypatch):
     monkeypatch.setattr(mounts, "sys_mount", lambda *a: (_ for _ in ()).throw(OSError(errno.EINVAL, "no", "/x")))
     with pytest.raises(OSError):
         mounts._mount_virtiofs("cocoon", "/x", "virtiofs", 0, "")
+
+
+def test_prune_removes_stale_then_least_recently_used(tmp_path, monkeypatch):
+    import json
+    import time
+
+    base = tmp_path / "t"
+    cfg = dataclasses.replace(config.Config(), factory=config.FactoryConfig(template=True, template_dir=str(base)))
+    kernel = tmp_path / "vmlinux"
+    kernel.write_text("k")
+    old = time.time() - 3600
+
+    def make(key: str, used: float, kernel_path: Path = kernel) -> None:
+        (base / key).mkdir(parents=True)
+        (base / key / "meta.json").write_text(json.dumps({"kernel": str(kernel_path), "initrd": str(kernel)}))
+        (base / f"{key}.lock").write_text("")
+        os.utime(base / key / "meta.json", (used, used))
+
+    make("gone", old, tmp_path / "no-such-kernel")  # its kernel was removed: unusable
+    make("recent", time.time())  # in use: never pruned
+    for i in range(3):
+        make(f"lru{i}", old - i * 60)
+    monkeypatch.setattr(factory, "MAX_TEMPLATES", 3)
+    assert factory.prune(cfg, keep="recent") == ["gone", "lru2"]  # then within the limit (recent + lru0 + lru1)
+    assert sorted(p.name for p in base.iterdir() if p.is_dir()) == ["lru0", "lru1", "recent"]
+    assert not (base / "gone.lock").exists()
+
+
+def test_check_reports_templates_and_a_template_dir_off_tmpfs(tmp_path):
+    from cocoon.check import Status, _is_tmpfs, check_factory
+
+    off = check_factory(dataclasses.replace(config.Config(), factory=config.FactoryConfig(template=False)))
+    assert off.status is Status.OK and off.detail.startswith("off")
+    assert _is_tmpfs("/dev/shm/not/made/yet")
+    if not _is_tmpfs(str(tmp_path)):
+        disk = check_factory(dataclasses.replace(config.Config(), factory=config.FactoryConfig(
+            template=True, template_dir=str(tmp_path / "t"))))  # fmt: skip
+        assert disk.status is Status.WARN and "tmpfs" in disk.fix
+    on = check_factory(dataclasses.replace(config.Config(), factory=config.FactoryConfig(
+        template=True, template_dir=f"/dev/shm/cocoon-unit-{os.getpid()}")))  # fmt: skip
+    assert on.status is Status.OK and on.detail.startswith("on, 0 saved")

@@ -94,6 +94,9 @@ def template_key(spec: VMSpec) -> str:
 
 def unfit(spec: VMSpec) -> str:
     """Why ``spec`` cannot start from a template ("" if it can)."""
+    missing = [str(p) for p in (spec.kernel, spec.initrd) if not Path(p).is_file()]
+    if missing:  # the driver's own start reports it (HypervisorError naming the file)
+        return f"guest image file not found: {', '.join(missing)}"
     if spec.channel != "virtio-serial":
         return "templates need the virtio-serial agent channel"
     if len(spec.shared_dirs) + len(spec.nics) > EXTRA_SLOTS:
@@ -125,9 +128,50 @@ async def ensure_template(cfg: Config, spec: VMSpec) -> Template:
     try:
         if not (template.directory / "meta.json").exists():
             await build_template(cfg, spec, template.directory)
+            prune(cfg, keep=template.directory.name)
     finally:
         os.close(fd)
     return template
+
+
+#: Templates kept (the most recently used); each holds its guest's touched RAM (~120 MiB) on tmpfs.
+MAX_TEMPLATES = 6
+#: A template used this recently is never pruned: a clone may be copying its RAM right now.
+PRUNE_IDLE_SECONDS = 600.0
+
+
+def prune(cfg: Config, *, keep: str = "") -> list[str]:
+    """Remove templates that cannot be used any more (their kernel or initrd is gone) and, beyond
+    ``MAX_TEMPLATES``, the least recently used; never ``keep`` nor one used in the last
+    ``PRUNE_IDLE_SECONDS``. The keys removed."""
+    base = Path(cfg.factory.template_dir)
+    now = time.time()
+    entries = []
+    for entry in base.iterdir() if base.is_dir() else ():
+        meta_file = entry / "meta.json"
+        if entry.name == keep or not meta_file.is_file():
+            continue
+        used = meta_file.stat().st_mtime  # touched by every clone
+        if now - used < PRUNE_IDLE_SECONDS:
+            continue
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, ValueError):
+            meta = {}
+        stale = not all(Path(str(meta.get(k, ""))).is_file() for k in ("kernel", "initrd"))
+        entries.append((stale, used, entry))
+    removed = []
+    kept = sum(1 for e in base.iterdir() if (e / "meta.json").is_file()) if base.is_dir() else 0
+    for stale, _, entry in sorted(entries, key=lambda e: (not e[0], e[1])):  # stale first, then oldest
+        if not stale and kept <= MAX_TEMPLATES:
+            break
+        shutil.rmtree(entry, ignore_errors=True)
+        remove_quietly(entry.with_name(f"{entry.name}.lock"))
+        removed.append(entry.name)
+        kept -= 1
+    if removed:
+        log.info("templates pruned", keys=",".join(removed))
+    return removed
 
 
 async def build_template(cfg: Config, spec: VMSpec, directory: Path) -> None:
@@ -202,6 +246,8 @@ def clone(cfg: Config, template: Template, spec: VMSpec) -> VMSpec:
     """The spec of a clone of ``template`` for ``spec`` (its workdir and id), with a fresh copy
     of the template's RAM; the caller unlinks that copy (``memory_file``) once the VMM holds it."""
     ram = Path(cfg.factory.template_dir) / f"clone-{spec.sandbox_id[:40]}-{os.getpid()}-{time.monotonic_ns()}.ram"
+    with contextlib.suppress(OSError):
+        os.utime(template.directory / "meta.json")  # last use, for prune()
     copy_sparse(template.ram, ram)
     return replace(template_spec(spec), sandbox_id=spec.sandbox_id, workdir=spec.workdir, memory_file=ram,
                    incoming=template.state)  # fmt: skip
