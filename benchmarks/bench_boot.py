@@ -65,7 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
-    cfg = config.load()
+    loaded = config.load()
+    cfg = dataclasses.replace(loaded, factory=dataclasses.replace(loaded.factory, template=False))  # cold boots
     template_dir = Path(f"/dev/shm/cocoon-bench-boot-{os.getpid()}")
     tcfg = dataclasses.replace(cfg, factory=dataclasses.replace(cfg.factory, template=True,
                                                                 template_dir=str(template_dir)))  # fmt: skip

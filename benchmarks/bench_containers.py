@@ -43,10 +43,10 @@ def lifecycle(runtime: list[str], root: Path, bundle: Path, cid: str, env: dict[
                  env=env)  # fmt: skip
 
 
-def template_env(tmp: Path) -> dict[str, str]:
-    """cocoon's environment with VM templates on (their own directory, removed by the caller)."""
-    conf = tmp / "template.toml"
-    conf.write_text(f'[factory]\ntemplate = true\ntemplate_dir = "{TEMPLATE_DIR}"\n')
+def template_env(tmp: Path, on: bool = True) -> dict[str, str]:
+    """cocoon's environment with VM templates on (their own directory, removed by the caller) or off."""
+    conf = tmp / f"template-{'on' if on else 'off'}.toml"
+    conf.write_text(f'[factory]\ntemplate = {"true" if on else "false"}\ntemplate_dir = "{TEMPLATE_DIR}"\n')
     return {**os.environ, "COCOON_CONFIG": str(conf)}
 
 
@@ -55,7 +55,7 @@ TEMPLATE_DIR = f"/dev/shm/cocoon-bench-templates-{os.getpid()}"
 
 def peers(tmp: Path) -> dict[str, tuple[list[str], dict[str, str] | None]]:
     found: dict[str, tuple[list[str], dict[str, str] | None]] = {
-        "cocoon": (COCOON, None), "cocoon (template)": (COCOON, template_env(tmp))}  # fmt: skip
+        "cocoon": (COCOON, template_env(tmp, on=False)), "cocoon (template)": (COCOON, template_env(tmp))}  # fmt: skip
     if shutil.which("runc"):
         found["runc"] = (["runc"], None)
     if shutil.which("crun"):
@@ -132,7 +132,7 @@ def main() -> None:
         for name, (argv, env) in peers(tmp).items():
             root = tmp / f"root-{name.split()[0]}"
             try:
-                if env is not None:  # the first run builds the template: not counted
+                if name == "cocoon (template)":  # the first run builds the template: not counted
                     lifecycle(argv, root, bundle, "warm", env)
                 times = [lifecycle(argv, root, bundle, f"b{i}", env) for i in range(args.runs)]
             except SystemExit as exc:
@@ -150,7 +150,8 @@ def main() -> None:
                 subprocess.run([*argv, "--root", str(root), "delete", "--force", "lat"], capture_output=True,
                                check=False, timeout=120)  # fmt: skip
         results["bare QEMU boot"] = median(bare_qemu(args.runs))
-        memory = {"cocoon": idle_memory(tmp, "cold"), "cocoon (template)": idle_memory(tmp, "tpl", template_env(tmp))}
+        memory = {"cocoon": idle_memory(tmp, "cold", template_env(tmp, on=False)),
+                  "cocoon (template)": idle_memory(tmp, "tpl", template_env(tmp))}
     shutil.rmtree(TEMPLATE_DIR, ignore_errors=True)
     base, tpl = results.get("cocoon", 0.0), results.get("cocoon (template)", 0.0)
     for name, value in results.items():

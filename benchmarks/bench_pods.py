@@ -7,7 +7,7 @@ parallel, each pod runs one container that prints a line and sleeps; the time is
 in the pod's CRI log. Memory: PSS of every host process of the pods (shims, QEMU, virtiofsd for
 cocoon; shims and the containers' processes for runc), per pod, measured while they idle.
 
-    .venv/bin/python benchmarks/bench_pods.py [--parallel 5]
+    .venv/bin/python benchmarks/bench_pods.py [--parallel 5] [--cold]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ IMAGE, PAUSE = "localhost/bench-busybox:latest", "localhost/bench-pause:latest"
 
 
 def start_containerd(d: Path, template_dir: str = "") -> subprocess.Popen[bytes]:
-    factory = f'[factory]\ntemplate = true\ntemplate_dir = "{template_dir}"\n' if template_dir else ""
+    factory = (f'[factory]\ntemplate = true\ntemplate_dir = "{template_dir}"\n' if template_dir
+               else "[factory]\ntemplate = false\n")  # fmt: skip
     (d / "cocoon.toml").write_text(f'[runtime]\nroot = "{d}/cocoon"\n{factory}')
     (d / "config.toml").write_text(f"""version = 2
 root = "{d}/root"
@@ -144,9 +145,9 @@ def measure(pods: Pods, d: Path, handler: str, n: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parallel", type=int, default=5)
-    ap.add_argument("--template", action="store_true", help="cocoon's pods restore a template VM (docs/factory.md)")
+    ap.add_argument("--cold", action="store_true", help="cocoon's pods boot their VMs (no template, docs/factory.md)")
     args = ap.parse_args()
-    template_dir = f"/dev/shm/cocoon-bench-pods-{os.getpid()}" if args.template else ""
+    template_dir = "" if args.cold else f"/dev/shm/cocoon-bench-pods-{os.getpid()}"
     for binary in ("containerd", "ctr", "umoci", "skopeo", "containerd-shim-cocoon-v2"):
         if shutil.which(binary) is None:
             raise SystemExit(f"{binary} is not installed (make deps)")
@@ -171,7 +172,7 @@ def main() -> None:
                              f"{cm / rm:.1f}x"])  # fmt: skip
             header = ["pods", "cocoon s", "runc s", "ratio", "cocoon MiB/pod", "runc MiB/pod", "ratio"]
             print(table("pods through CRI (RunPodSandbox+CreateContainer+StartContainer to first output; "
-                        f"PSS of the pod's host processes){', cocoon from a template' if template_dir else ''}",
+                        f"PSS of the pod's host processes), cocoon {'from a template' if template_dir else 'cold'}",
                         header, rows))  # fmt: skip
         finally:
             proc.terminate()
