@@ -168,3 +168,14 @@ def test_check_reports_templates_and_a_template_dir_off_tmpfs(tmp_path):
     on = check_factory(dataclasses.replace(config.Config(), factory=config.FactoryConfig(
         template=True, template_dir=f"/dev/shm/cocoon-unit-{os.getpid()}")))  # fmt: skip
     assert on.status is Status.OK and on.detail.startswith("on, 0 saved")
+
+
+def test_clone_of_a_broken_template_is_a_clear_error(spec, tmp_path):
+    from cocoon.errors import HypervisorError
+
+    cfg = dataclasses.replace(config.Config(), factory=config.FactoryConfig(template_dir=str(tmp_path / "t")))
+    (tmp_path / "t" / "k").mkdir(parents=True)
+    with pytest.raises(HypervisorError, match="template's RAM") as err:
+        factory.clone(cfg, factory.Template(tmp_path / "t" / "k"), spec)
+    assert "factory destroy" in err.value.context["hint"]
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["k"]  # no partial copy left

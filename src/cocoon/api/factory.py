@@ -248,7 +248,12 @@ def clone(cfg: Config, template: Template, spec: VMSpec) -> VMSpec:
     ram = Path(cfg.factory.template_dir) / f"clone-{spec.sandbox_id[:40]}-{os.getpid()}-{time.monotonic_ns()}.ram"
     with contextlib.suppress(OSError):
         os.utime(template.directory / "meta.json")  # last use, for prune()
-    copy_sparse(template.ram, ram)
+    try:
+        copy_sparse(template.ram, ram)
+    except OSError as exc:
+        remove_quietly(ram)
+        raise HypervisorError(f"cannot copy the template's RAM: {exc.strerror}", path=str(template.ram),
+                              hint="cocoon factory destroy (templates are rebuilt on demand)") from exc
     return replace(template_spec(spec), sandbox_id=spec.sandbox_id, workdir=spec.workdir, memory_file=ram,
                    incoming=template.state)  # fmt: skip
 
