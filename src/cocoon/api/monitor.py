@@ -91,10 +91,11 @@ class Monitor:
         sock_dir = Path(self.store.make_socket_dir(self.cid))
         stack.callback(_rmdir_quiet, sock_dir)
         netns = pod_network.spec_netns(self.spec)
-        if not netns and pod_network.wants_new_netns(self.spec):
+        early_hooks = bool(self.spec.hooks.prestart or self.spec.hooks.create_runtime)
+        if not netns and early_hooks and pod_network.wants_new_netns(self.spec):
             # As runc: the new namespace exists before the hooks, at /proc/<state pid>/ns/net, for
             # them to fill (docker's libnetwork moves the container's veth there); the VM gets
-            # what they put in it.
+            # what they put in it. Without such hooks nothing could fill it: no namespace, no NIC.
             from cocoon.network.netns import unshare_netns
 
             netns = unshare_netns()
