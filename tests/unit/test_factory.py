@@ -149,9 +149,13 @@ def test_prune_removes_stale_then_least_recently_used(tmp_path, monkeypatch):
     make("recent", time.time())  # in use: never pruned
     for i in range(3):
         make(f"lru{i}", old - i * 60)
+    (base / "k9.tmp999999999").mkdir()  # a build whose process died
+    (base / "clone-sb-x-999999999-5.ram").write_text("")  # a clone's copy whose process died
+    (base / f"clone-sb-{os.getpid()}-5.ram").write_text("")  # ours: in use
     monkeypatch.setattr(factory, "MAX_TEMPLATES", 3)
     assert factory.prune(cfg, keep="recent") == ["gone", "lru2"]  # then within the limit (recent + lru0 + lru1)
     assert sorted(p.name for p in base.iterdir() if p.is_dir()) == ["lru0", "lru1", "recent"]
+    assert [p.name for p in base.glob("clone-*")] == [f"clone-sb-{os.getpid()}-5.ram"]
     assert not (base / "gone.lock").exists()
 
 

@@ -140,6 +140,27 @@ MAX_TEMPLATES = 6
 PRUNE_IDLE_SECONDS = 600.0
 
 
+def _owner_pid(name: str) -> int | None:
+    """The PID in a build directory (``<key>.tmp<pid>``) or a clone's RAM copy
+    (``clone-<id>-<pid>-<ns>.ram``) name; None for a template."""
+    with contextlib.suppress(ValueError, IndexError):
+        if ".tmp" in name:
+            return int(name.rsplit(".tmp", 1)[1])
+        if name.startswith("clone-") and name.endswith(".ram"):
+            return int(name.split("-")[-2])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def prune(cfg: Config, *, keep: str = "") -> list[str]:
     """Remove templates that cannot be used any more (their kernel or initrd is gone) and, beyond
     ``MAX_TEMPLATES``, the least recently used; never ``keep`` nor one used in the last
@@ -148,6 +169,15 @@ def prune(cfg: Config, *, keep: str = "") -> list[str]:
     now = time.time()
     entries = []
     for entry in base.iterdir() if base.is_dir() else ():
+        owner = _owner_pid(entry.name)
+        if owner is not None:  # a build or a clone's RAM copy whose process died half-way
+            if _alive(owner):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                remove_quietly(entry)
+            continue
         meta_file = entry / "meta.json"
         if entry.name == keep or not meta_file.is_file():
             continue
