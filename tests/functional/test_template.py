@@ -79,6 +79,21 @@ async def test_a_template_that_does_not_fit_fails_clearly(tcfg, no_leaks, tmp_pa
         await GuestVM(tcfg, f"tpl-bad2-{os.getpid()}", tmp_path / "g2").start()
     assert err.value.context.get("qemu_stderr"), err.value.context
     assert not list(Path(tcfg.factory.template_dir).glob("clone-*"))
+    assert not template.directory.exists()  # removed: the next start builds a good one
+    async with GuestVM(tcfg, f"tpl-good-{os.getpid()}", tmp_path / "g3") as guest:
+        assert guest.template is not None and guest.vm.spec.incoming is not None
+        await guest.agent.check()
+
+
+async def test_a_template_that_cannot_be_built_falls_back_to_a_cold_boot(tcfg, no_leaks, tmp_path, monkeypatch):
+    async def cannot_build(cfg, spec, directory):
+        raise BootError("guest agent did not answer", sandbox="template")
+
+    monkeypatch.setattr(factory, "build_template", cannot_build)
+    async with GuestVM(tcfg, f"tpl-nobuild-{os.getpid()}", tmp_path / "g") as guest:
+        assert guest.template is None and guest.vm.spec.incoming is None  # booted cold
+        await guest.agent.check()
+    assert factory.list_templates(tcfg) == []
 
 
 def test_cli_containers_restore_from_a_template(tcfg, no_leaks, tmp_path):

@@ -183,3 +183,20 @@ def test_clone_of_a_broken_template_is_a_clear_error(spec, tmp_path):
         factory.clone(cfg, factory.Template(tmp_path / "t" / "k"), spec)
     assert "factory destroy" in err.value.context["hint"]
     assert [p.name for p in (tmp_path / "t").iterdir()] == ["k"]  # no partial copy left
+
+
+def test_write_atomic_replaces_and_leaves_no_temp(tmp_path, monkeypatch):
+    from cocoon.util.fs import write_atomic
+
+    target = tmp_path / "meta.json"
+    write_atomic(target, "one")
+    write_atomic(target, b"two", mode=0o644)
+    assert target.read_text() == "two" and os.listdir(tmp_path) == ["meta.json"]
+
+    def fail(*args):
+        raise OSError(errno.EIO, "disk gone")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        write_atomic(target, "three")
+    assert target.read_text() == "two" and os.listdir(tmp_path) == ["meta.json"]

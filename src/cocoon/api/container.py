@@ -176,12 +176,9 @@ def _rebuild_error(report: dict[str, Any]) -> CocoonError:
 
 
 def _write_pid_file(path: str, pid: int) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(str(pid))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from cocoon.util.fs import write_atomic
+
+    write_atomic(path, str(pid), mode=0o644)
 
 
 # -- talking to the monitor -------------------------------------------------------------------

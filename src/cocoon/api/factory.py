@@ -40,6 +40,7 @@ from cocoon.config import Config
 from cocoon.errors import HypervisorError
 from cocoon.hypervisors.base import VMSpec
 from cocoon.log import get_logger
+from cocoon.util.fs import write_atomic
 
 log = get_logger("factory")
 
@@ -231,22 +232,13 @@ async def build_template(cfg: Config, spec: VMSpec, directory: Path) -> None:
                 "memory_mib": tspec.memory_mib, "vcpus": tspec.vcpus, "accel": tspec.accel,
                 "hotplug_slots": tspec.hotplug_slots, "kernel": str(tspec.kernel), "initrd": str(tspec.initrd),
                 "ram_bytes": (tmp / "ram").stat().st_blocks * 512}  # fmt: skip
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
+        write_atomic(tmp / "meta.json", json.dumps(meta, indent=1) + "\n")
         shutil.rmtree(directory, ignore_errors=True)
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("template saved", key=directory.name, seconds=meta["boot_seconds"], ram_mib=int(meta["ram_bytes"]) >> 20)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
 
 
 def copy_sparse(src: Path, dst: Path) -> None:
@@ -292,6 +284,11 @@ def remove_quietly(path: Path | None) -> None:
     if path is not None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def remove(template: Template) -> None:
+    """Remove one template (a broken one: the next sandbox of its shape builds it again)."""
+    shutil.rmtree(template.directory, ignore_errors=True)
 
 
 def destroy_templates(cfg: Config) -> list[str]:

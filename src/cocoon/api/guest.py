@@ -112,6 +112,7 @@ class GuestVM:
         return replace(spec, accel=choice.accel)
 
     async def start(self) -> None:
+        from cocoon.api import factory
         from cocoon.hypervisors.base import get_driver
 
         with bind(sandbox=self.sandbox_id):
@@ -119,18 +120,21 @@ class GuestVM:
                 spec = await self.vm_spec()
                 boot_spec = await self._from_template(spec) if self.cfg.factory.template else spec
                 if boot_spec.incoming is not None:
-                    from cocoon.api.factory import remove_quietly
-
-                    self._stack.callback(remove_quietly, boot_spec.memory_file)  # if the VMM never got it
+                    self._stack.callback(factory.remove_quietly, boot_spec.memory_file)  # if the VMM never got it
                 vm = get_driver(self.cfg.hypervisor.driver)(boot_spec)
                 self.vm = vm
                 self._stack.push_async_callback(self._stop_vm)
                 started = time.monotonic()
                 try:
                     await vm.start()
+                except BootError:
+                    if self.template is not None:  # a saved state this QEMU cannot load: rebuilt next time
+                        log.warning("restoring the template failed: removing it", template=self.template.directory.name)
+                        factory.remove(self.template)
+                    raise
                 finally:
                     if boot_spec.incoming is not None:  # the VMM maps it (or failed): no name needed
-                        remove_quietly(boot_spec.memory_file)
+                        factory.remove_quietly(boot_spec.memory_file)
                 opened = time.monotonic()
                 self.agent = await connect_agent(self.cfg, vm, started, self.sandbox_id)
                 self._stack.push_async_callback(self.agent.close)
@@ -156,7 +160,11 @@ class GuestVM:
         if why:
             log.info("booting without a template", reason=why)
             return spec
-        self.template = await factory.ensure_template(self.cfg, spec)
+        try:
+            self.template = await factory.ensure_template(self.cfg, spec)
+        except CocoonError as exc:  # the sandbox can still boot; the next one tries to build it again
+            log.warning("cannot make a template VM: booting without one", error=str(exc).splitlines()[0][:300])
+            return spec
         return factory.clone(self.cfg, self.template, spec)
 
     async def _adopt_clone(self, vm: Hypervisor, spec: VMSpec) -> None:

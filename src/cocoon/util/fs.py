@@ -1,0 +1,32 @@
+"""Small filesystem helpers shared by the host side."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: a temp file in the same directory, fsync, rename.
+
+    Readers see the old content or the new one, never a torn file; a failure leaves no temp file.
+    """
+    target = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(raw)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
