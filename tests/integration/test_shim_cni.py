@@ -78,7 +78,8 @@ class NetPod:
         logs.mkdir(exist_ok=True)
         self.config = cri.PodSandboxConfig(
             metadata=cri.PodSandboxMetadata(name=name, uid=f"uid-{name}", namespace="default"),
-            hostname=name, log_directory=str(logs))  # fmt: skip
+            hostname=name, log_directory=str(logs),
+            dns_config=cri.DNSConfig(servers=["10.99.0.53"], searches=["svc.cocoon.test"]))  # fmt: skip
         self.id = self.rt.RunPodSandbox(cri.RunPodSandboxRequest(config=self.config, runtime_handler="cocoon"),
                                         timeout=TIMEOUT).pod_sandbox_id  # fmt: skip
         status = self.rt.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=self.id), timeout=60).status
@@ -122,6 +123,10 @@ def test_dual_stack_pods_reach_each_other_and_the_host(cni_containerd):
         assert code == 0 and a.ip4 in out and a.ip6 in out, out  # the guest has the pod's addresses
         code, out = a.sh("ip route; ip -6 route")
         assert "default via 10.99.0.1" in out, out
+        # Hostname and DNS as the CRI gave them (containerd's resolv.conf/hostname/hosts mounts).
+        code, out = a.sh("hostname; cat /etc/resolv.conf /etc/hostname")
+        assert code == 0 and out.split()[0] == a.config.hostname, out
+        assert "nameserver 10.99.0.53" in out and "search svc.cocoon.test" in out, out
         for ip in (b.ip4, b.ip6):
             code, out = a.sh(f"ping -c 2 -W 10 {ip}")
             assert code == 0, f"ping {ip} from pod a: {out}"
