@@ -48,3 +48,11 @@ def no_leaks(tmp_path_factory):
     while (left := _our_processes(marker) - before) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"leaked processes: {sorted(left)}"
+    # A template clone's RAM copy is unlinked as soon as its QEMU holds it: one whose owner is gone leaked.
+    from cocoon.api.factory import _alive, _owner_pid
+    from cocoon.config import FactoryConfig
+
+    templates = Path(FactoryConfig().template_dir)
+    copies = [p.name for p in templates.glob("clone-*.ram")] if templates.is_dir() else []
+    leaked = [name for name in copies if (pid := _owner_pid(name)) is not None and not _alive(pid)]
+    assert not leaked, f"leaked template RAM copies: {leaked}"
