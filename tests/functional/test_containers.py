@@ -127,6 +127,14 @@ def test_create_start_exec_pause_kill_delete(cli, tmp_path):
     assert d.returncode == 0, d.stderr
     exec_pid = int(exec_pid_file.read_text())
     os.kill(exec_pid, 0)
+    # ps: JSON as runc (the host pid standing for the container), the table from the guest.
+    assert json.loads(cli("ps", "--format", "json", "c1").stdout) == [pid]
+    table = cli("ps", "c1")
+    assert table.returncode == 0, table.stderr
+    rows = [line.split(None, 4) for line in table.stdout.splitlines()]
+    assert rows[0] == ["UID", "PID", "PPID", "STAT", "CMD"]
+    commands = [r[4] for r in rows[1:]]
+    assert any(c.startswith("sh -c trap") for c in commands) and "sleep 30" in commands, table.stdout
 
     assert cli("pause", "c1").returncode == 0
     assert cli.state("c1")["status"] == "paused"

@@ -107,6 +107,11 @@ class AgentService:
             log.info("guest clock not set (host mode)", sec=request.sec)
         return empty_pb2.Empty()
 
+    async def ListProcesses(self, request: Any, ctx: ServerContext) -> Any:
+        from cocoon.agent.procs import read_processes
+
+        return convert.processes_to_pb(read_processes(self.containers.pids(request.container_id)))
+
     async def PrepareSnapshot(self, request: Any, ctx: ServerContext) -> Any:
         await self.server.modules_ready.wait()  # a clone must not start half-way through loading them
         if self.server.in_guest:

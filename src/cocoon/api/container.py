@@ -251,6 +251,15 @@ def processes(cfg: Config, container_id: str) -> list[int]:
     return [state.pid]
 
 
+def guest_processes(cfg: Config, container_id: str) -> list[Any]:
+    """The container's processes as its guest kernel sees them (guest pids: ``GuestProcess``);
+    none for a stopped container."""
+    state = load(cfg, container_id)
+    if state.status == Status.STOPPED:
+        return []
+    return list(_call(state, "list_processes", container_id))
+
+
 def delete(cfg: Config, container_id: str, *, force: bool = False) -> None:
     """Remove a stopped container (or, with ``force``, kill and remove a live one)."""
     from cocoon.api import hooks

@@ -213,13 +213,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     from cocoon.api import container
 
-    pids = container.processes(_config(args), args.id)
-    if args.format == "json":
-        print(json.dumps(pids))
-    else:
-        print("PID   CMD")
-        for pid in pids:
-            print(f"{pid}   cocoon-monitor {args.id}")
+    cfg = _config(args)
+    if args.format == "json":  # runc's shape: host pids (containerd's Pids); the monitor stands for them
+        print(json.dumps(container.processes(cfg, args.id)))
+        return 0
+    # The table is the guest's view: its pids mean nothing on the host (docs/containers.md).
+    print(f"{'UID':>5} {'PID':>6} {'PPID':>6} STAT CMD")
+    for p in container.guest_processes(cfg, args.id):
+        print(f"{p.uid:>5} {p.pid:>6} {p.ppid:>6} {p.state:<4} {p.command}")
     return 0
 
 

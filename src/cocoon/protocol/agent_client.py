@@ -29,6 +29,7 @@ from cocoon.protocol.ttrpc.transport import Transport
 from cocoon.protocol.types import (
     ContainerStats,
     GuestDetails,
+    GuestProcess,
     HealthStatus,
     NetInterface,
     NetNeighbor,
@@ -103,6 +104,12 @@ class AgentClient:
     async def destroy_sandbox(self, *, timeout: float | None = None) -> None:
         """AgentService.DestroySandbox: stop everything in the guest and power it off."""
         await self._call(AGENT_SERVICE, "DestroySandbox", agent_pb2.DestroySandboxRequest(), empty_pb2.Empty, timeout)
+
+    async def list_processes(self, container_id: str, *, timeout: float | None = None) -> tuple[GuestProcess, ...]:
+        """AgentService.ListProcesses: the container's processes with their guest pids."""
+        request = agent_pb2.ListProcessesRequest(container_id=container_id)
+        reply = await self._call(AGENT_SERVICE, "ListProcesses", request, agent_pb2.ListProcessesResponse, timeout)
+        return convert.processes_from_pb(reply)
 
     async def prepare_snapshot(self, *, timeout: float | None = None) -> None:
         """AgentService.PrepareSnapshot: returns once the guest can be saved as a template."""

@@ -8,6 +8,7 @@ turns answers into dataclasses).
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 from cocoon.protocol.gen.agent.v1 import agent_pb2
@@ -15,6 +16,7 @@ from cocoon.protocol.types import (
     ContainerStats,
     CpuStats,
     GuestDetails,
+    GuestProcess,
     HealthStatus,
     IoDeviceStats,
     IPAddress,
@@ -152,6 +154,19 @@ def stats_to_pb(stats: ContainerStats) -> Any:
             tx_dropped=n.tx_dropped,
         )
     return reply
+
+
+def processes_to_pb(processes: Iterable[GuestProcess]) -> Any:
+    """GuestProcess dataclasses -> ListProcessesResponse."""
+    return agent_pb2.ListProcessesResponse(processes=[
+        agent_pb2.GuestProcess(pid=p.pid, ppid=p.ppid, uid=p.uid, state=p.state, command=p.command)
+        for p in processes])  # fmt: skip
+
+
+def processes_from_pb(message: Any) -> tuple[GuestProcess, ...]:
+    """ListProcessesResponse -> GuestProcess dataclasses."""
+    return tuple(GuestProcess(pid=int(p.pid), ppid=int(p.ppid), uid=int(p.uid), state=str(p.state),
+                              command=str(p.command)) for p in message.processes)  # fmt: skip
 
 
 def stats_from_pb(message: Any) -> ContainerStats:

@@ -133,6 +133,17 @@ class ContainerStats:
 
 
 
+@dataclass(frozen=True, slots=True)
+class GuestProcess:
+    """AgentService.ListProcesses: one process of a container, as the guest kernel sees it."""
+
+    pid: int
+    ppid: int = 0
+    uid: int = 0
+    state: str = ""
+    command: str = ""
+
+
 # ---- networking (the pod's interfaces as the host found them and the guest configures them)
 
 

@@ -355,3 +355,22 @@ def test_oom_kill_is_reported_when_the_init_exits(tmp_path) -> None:
         mgr._oom_task.cancel()  # type: ignore[union-attr]
 
     asyncio.run(go())
+
+
+def test_read_process_from_proc(tmp_path) -> None:
+    import os
+
+    from cocoon.agent.procs import read_process, read_processes
+
+    me = read_process(os.getpid())
+    assert me is not None and me.pid == os.getpid() and me.ppid == os.getppid() and me.uid == os.getuid()
+    assert me.state in ("R", "S") and "python" in me.command
+    # A comm with spaces and parentheses; no cmdline (a kernel thread, a zombie): "[comm]".
+    fake = tmp_path / "42"
+    fake.mkdir()
+    (fake / "stat").write_text("42 (odd) name)) Z 7 42 42 0 -1\n")
+    (fake / "status").write_text("Name:\todd\nUid:\t1000\t1000\t1000\t1000\n")
+    (fake / "cmdline").write_bytes(b"")
+    got = read_process(42, proc=str(tmp_path))
+    assert got is not None and (got.ppid, got.uid, got.state, got.command) == (7, 1000, "Z", "[odd) name)]")
+    assert read_processes([43, 42], proc=str(tmp_path)) == [got]  # 43 is gone: skipped

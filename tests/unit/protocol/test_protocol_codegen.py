@@ -122,7 +122,7 @@ def test_agent_api_has_the_kata_names():
         "SignalProcess", "WaitProcess", "WriteStdin", "ReadStdout", "ReadStderr", "CloseStdin", "TtyWinResize",
         "PauseContainer", "ResumeContainer", "StatsContainer", "UpdateContainer", "UpdateInterface",
         "UpdateRoutes", "AddARPNeighbors", "ListInterfaces", "ListRoutes", "GetGuestDetails", "OnlineCPUMem",
-        "SetGuestDateTime", "CopyFile", "GetOOMEvent", "ReseedRandomDev", "PrepareSnapshot",
+        "SetGuestDateTime", "CopyFile", "GetOOMEvent", "ReseedRandomDev", "PrepareSnapshot", "ListProcesses",
     }
     assert {m.name for m in agent.methods} == expected
     health = agent_pb2.DESCRIPTOR.services_by_name["Health"]

@@ -159,6 +159,32 @@ class StatsContainerRequest(_message.Message):
     container_id: str
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
+class ListProcessesRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class GuestProcess(_message.Message):
+    __slots__ = ("pid", "ppid", "uid", "state", "command")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    ppid: int
+    uid: int
+    state: str
+    command: str
+    def __init__(self, pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., state: _Optional[str] = ..., command: _Optional[str] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes",)
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[GuestProcess]
+    def __init__(self, processes: _Optional[_Iterable[_Union[GuestProcess, _Mapping]]] = ...) -> None: ...
+
 class CpuStats(_message.Message):
     __slots__ = ("usage_usec", "user_usec", "system_usec", "nr_periods", "nr_throttled", "throttled_usec")
     USAGE_USEC_FIELD_NUMBER: _ClassVar[int]
