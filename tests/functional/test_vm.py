@@ -93,3 +93,11 @@ def test_missing_image_cache_names_the_fix(cfg, tmp_path):
     empty = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, cache_dir=str(tmp_path / "none")))
     with pytest.raises(ImageError, match="cocoon image build"):
         find_image(empty)
+
+
+async def test_agent_debug_logs_reach_the_console(cfg, workdir, no_leaks):
+    debug = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, debug=True))
+    async with GuestVM(debug, "t-debug", workdir) as guest:
+        assert "cocoon.debug=1" in guest.vm.spec.kernel_params
+        await guest.agent.check()
+    assert '"level":"debug"' in (workdir / "console.log").read_text()

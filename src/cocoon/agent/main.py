@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -88,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
         init.setup(defer_modules=True)  # mounts /proc first: the command line is readable only after it
         params = facts.cmdline_params(Path("/proc/cmdline").read_text())
+        if params.get("cocoon.debug") == "1":  # [agent] debug on the host
+            logging.getLogger("cocoon").setLevel(logging.DEBUG)
         with log.bind(sandbox=params.get("cocoon.sandbox")):
             try:
                 asyncio.run(serve(args.listen, in_guest=True))

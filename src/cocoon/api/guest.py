@@ -90,7 +90,7 @@ class GuestVM:
             nics=self.nics,
             channel="vsock" if _channel_kind(self.cfg) == "vsock" else "virtio-serial",
             vsock_port=self.cfg.agent.vsock_port,
-            kernel_params=tuple(q.kernel_params.split()),
+            kernel_params=(*q.kernel_params.split(), *(["cocoon.debug=1"] if self.cfg.agent.debug else [])),
             machine=q.machine,
             binary=q.path,
             tcg_tb_size_mib=q.tcg_tb_size_mib,
