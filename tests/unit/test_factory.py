@@ -76,6 +76,7 @@ def test_copy_sparse_keeps_holes_and_data(tmp_path):
     assert dst.stat().st_size == src.stat().st_size
     assert dst.read_bytes() == src.read_bytes()
     assert dst.stat().st_blocks * 512 < 4 << 20  # the holes stayed holes
+    assert dst.stat().st_mode & 0o777 == 0o600  # guest memory
     with pytest.raises(FileExistsError):
         factory.copy_sparse(src, dst)  # never overwrites
 

@@ -121,6 +121,7 @@ async def ensure_template(cfg: Config, spec: VMSpec) -> Template:
     """The template for ``spec``'s shape, built first if there is none (one builder at a time)."""
     base = Path(cfg.factory.template_dir)
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(base, 0o700)  # guest memory lives here, whoever made the directory
     key = template_key(spec)
     template = Template(base / key)
     if (template.directory / "meta.json").exists():
@@ -243,7 +244,9 @@ async def build_template(cfg: Config, spec: VMSpec, directory: Path) -> None:
 
 def copy_sparse(src: Path, dst: Path) -> None:
     """Copy ``src`` to a new file ``dst`` keeping its holes (a guest's untouched RAM stays unallocated)."""
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    # Guest memory: readable by its owner only (the directory is 0700 as well).
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(src, "rb") as fin, open(fd, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
         fout.truncate(size)
         offset = 0
