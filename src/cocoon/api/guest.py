@@ -138,11 +138,11 @@ class GuestVM:
                 opened = time.monotonic()
                 self.agent = await connect_agent(self.cfg, vm, started, self.sandbox_id)
                 self._stack.push_async_callback(self.agent.close)
+                # The guest clock starts from the emulated RTC (seconds off, or a template's stale
+                # time after a restore): set it from the host, first.
+                await self.agent.set_guest_datetime()
                 if boot_spec.incoming is not None:
                     await self._adopt_clone(vm, spec)
-                # The guest clock starts from the emulated RTC (seconds off, or a template's stale
-                # time after a restore): set it from the host.
-                await self.agent.set_guest_datetime()
                 ready = time.monotonic()
                 self.times = BootTimes(opened - started, ready - started)
                 log.info("guest ready", boot_seconds=round(ready - started, 3), accel=self.accel,
