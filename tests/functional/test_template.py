@@ -120,3 +120,13 @@ def test_cli_containers_restore_from_a_template(tcfg, no_leaks, tmp_path):
         assert probe.returncode == 0 and "bin" in probe.stdout.split(), probe.stdout + probe.stderr
     finally:
         assert cli("delete", "--force", "t2").returncode == 0
+    # `cocoon factory`: what is saved, another size made ahead of time, all of it removed.
+    import json
+
+    status = json.loads(cli("factory", "status", "--json").stdout)
+    assert status["enabled"] and [t["memory_mib"] for t in status["templates"]] == [256], status
+    made = cli("factory", "init", "--memory-mib", "320")
+    assert made.returncode == 0 and "320 MiB" in made.stdout, made.stderr
+    assert sorted(t["memory_mib"] for t in factory.list_templates(tcfg)) == [256, 320]
+    gone = cli("factory", "destroy")
+    assert gone.returncode == 0 and len(gone.stdout.splitlines()) == 2 and factory.list_templates(tcfg) == []

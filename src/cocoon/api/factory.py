@@ -320,12 +320,13 @@ def list_templates(cfg: Config) -> list[dict[str, Any]]:
     return found
 
 
-async def init_default(cfg: Config) -> Template:
-    """The template for the configured default guest (``cocoon factory init``), built if missing."""
+async def init_default(cfg: Config, *, memory_mib: int = 0, vcpus: int = 0) -> Template:
+    """The template for a guest of this size (default: the configured one), built if missing
+    (``cocoon factory init``): sandboxes sized from their limits use the template of their size."""
     import tempfile
 
     from cocoon.api.guest import GuestVM
 
     with tempfile.TemporaryDirectory(prefix="factory-") as tmp:
-        spec = await GuestVM(cfg, TEMPLATE_SANDBOX, Path(tmp)).vm_spec()
+        spec = await GuestVM(cfg, TEMPLATE_SANDBOX, Path(tmp), memory_mib=memory_mib, vcpus=vcpus).vm_spec()
     return await ensure_template(cfg, spec)

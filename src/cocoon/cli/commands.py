@@ -96,7 +96,7 @@ def cmd_factory(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.factory_command == "init":
-        template = asyncio.run(factory.init_default(cfg))
+        template = asyncio.run(factory.init_default(cfg, memory_mib=args.memory_mib, vcpus=args.vcpus))
         meta = template.meta
         print(f"template {meta['key']}: {meta['memory_mib']} MiB, {meta['vcpus']} vCPU, {meta['accel']}, "
               f"{meta['ram_bytes'] / 2**20:.0f} MiB of RAM saved in {template.directory}")  # fmt: skip

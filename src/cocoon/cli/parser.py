@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     fac = sub.add_parser("factory", help="VM templates: sandboxes start by restoring one ([factory] template)")
     fac_sub = fac.add_subparsers(dest="factory_command", metavar="ACTION")
     fac_sub.required = True
-    fac_sub.add_parser("init", help="build the template for the configured guest (else the first sandbox does)")
+    fin = fac_sub.add_parser("init", help="build the template for a guest size now (else the first sandbox does)")
+    fin.add_argument("--memory-mib", type=int, default=0, help="guest memory (default: [hypervisor.qemu])")
+    fin.add_argument("--vcpus", type=int, default=0, help="guest vCPUs (default: [hypervisor.qemu])")
     fst = fac_sub.add_parser("status", help="list the saved templates")
     fst.add_argument("--json", action="store_true", help="machine-readable output")
     fac_sub.add_parser("destroy", help="remove every saved template")
