@@ -136,13 +136,16 @@ class GuestVM:
                     if boot_spec.incoming is not None:  # the VMM maps it (or failed): no name needed
                         factory.remove_quietly(boot_spec.memory_file)
                 opened = time.monotonic()
+                if boot_spec.incoming is not None:
+                    # Plugged first: the guest probes them while the host connects and reseeds.
+                    await self._plug_clone_devices(vm, spec)
                 self.agent = await connect_agent(self.cfg, vm, started, self.sandbox_id)
                 self._stack.push_async_callback(self.agent.close)
                 # The guest clock starts from the emulated RTC (seconds off, or a template's stale
                 # time after a restore): set it from the host, first.
                 await self.agent.set_guest_datetime()
                 if boot_spec.incoming is not None:
-                    await self._adopt_clone(vm, spec)
+                    await self._adopt_clone(spec)
                 ready = time.monotonic()
                 self.times = BootTimes(opened - started, ready - started)
                 log.info("guest ready", boot_seconds=round(ready - started, 3), accel=self.accel,
@@ -167,17 +170,21 @@ class GuestVM:
             return spec
         return factory.clone(self.cfg, self.template, spec)
 
-    async def _adopt_clone(self, vm: Hypervisor, spec: VMSpec) -> None:
-        """Make a template's clone this sandbox's VM: fresh randomness, then its shares and NICs."""
+    @staticmethod
+    async def _plug_clone_devices(vm: Hypervisor, spec: VMSpec) -> None:
+        """A template's clone gets this sandbox's shares and NICs by hot-plug (the template had none)."""
+        for share in spec.shared_dirs:
+            await vm.hotplug_fs(share)
+        for nic in spec.nics:
+            await vm.hotplug_nic(nic)
+
+    async def _adopt_clone(self, spec: VMSpec) -> None:
+        """Make a template's clone this sandbox's VM: fresh randomness, its NICs visible."""
         import os
 
         from cocoon.api.pod_hotplug import wait_for_macs
 
         await self.agent.reseed_random_dev(os.urandom(256))
-        for share in spec.shared_dirs:
-            await vm.hotplug_fs(share)
-        for nic in spec.nics:
-            await vm.hotplug_nic(nic)
         if spec.nics:
             await wait_for_macs(self.agent, [nic.mac for nic in spec.nics])
 
