@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from cocoon.api.ids import is_valid_id, short_hash, validate_id
 from cocoon.errors import AlreadyExists, CorruptState, LockTimeout, NotFound, StateError
 from cocoon.oci.defaults import OCI_VERSION
+from cocoon.util.fs import write_atomic
 
 # `typing` costs ~4 ms to import; this module is on the path of `cocoon state`.
 TYPE_CHECKING = False
@@ -441,23 +442,11 @@ class StateStore:
         """
         path = self.dir(state.id)
         data = json.dumps(state.to_dict(), separators=(",", ":")).encode()
-        tmp = os.path.join(path, f".{STATE_FILE}.{os.getpid()}.{time.monotonic_ns()}")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            write_atomic(os.path.join(path, STATE_FILE), data)
         except FileNotFoundError:
-            raise NotFound("container does not exist", id=state.id) from None
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, os.path.join(path, STATE_FILE))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            if not os.path.isdir(path):
+                raise NotFound("container does not exist", id=state.id) from None
             raise
         _fsync_dir(path)
 

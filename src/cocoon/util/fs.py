@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: a temp file in the same directory, fsync, rename.
 
     Readers see the old content or the new one, never a torn file; a failure leaves no temp file.
+    FileNotFoundError if the directory does not exist.
     """
-    target = Path(path)
+    # os.path, not pathlib: `cocoon state` reaches this module and pays for every import.
+    head, name = os.path.split(os.fspath(path))
     raw = data.encode() if isinstance(data, str) else data
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{time.monotonic_ns()}")
+    tmp = os.path.join(head, f".{name}.{os.getpid()}.{time.monotonic_ns()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         try:
@@ -25,7 +26,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, mode: int =
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
+        os.rename(tmp, path)  # replaces an existing file (POSIX rename)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
