@@ -170,6 +170,7 @@ def prune(cfg: Config, *, keep: str = "") -> list[str]:
     base = Path(cfg.factory.template_dir)
     now = time.time()
     entries = []
+    kept = 0  # templates there now
     for entry in base.iterdir() if base.is_dir() else ():
         owner = _owner_pid(entry.name)
         if owner is not None:  # a build or a clone's RAM copy whose process died half-way
@@ -181,7 +182,10 @@ def prune(cfg: Config, *, keep: str = "") -> list[str]:
                 remove_quietly(entry)
             continue
         meta_file = entry / "meta.json"
-        if entry.name == keep or not meta_file.is_file():
+        if not meta_file.is_file():
+            continue
+        kept += 1
+        if entry.name == keep:
             continue
         used = meta_file.stat().st_mtime  # touched by every clone
         if now - used < PRUNE_IDLE_SECONDS:
@@ -193,7 +197,6 @@ def prune(cfg: Config, *, keep: str = "") -> list[str]:
         stale = not all(Path(str(meta.get(k, ""))).is_file() for k in ("kernel", "initrd"))
         entries.append((stale, used, entry))
     removed = []
-    kept = sum(1 for e in base.iterdir() if (e / "meta.json").is_file()) if base.is_dir() else 0
     for stale, _, entry in sorted(entries, key=lambda e: (not e[0], e[1])):  # stale first, then oldest
         if not stale and kept <= MAX_TEMPLATES:
             break

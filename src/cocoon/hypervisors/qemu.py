@@ -126,6 +126,14 @@ def build_argv(spec: VMSpec) -> list[str]:
     return argv
 
 
+async def _agent_port_opened(events: Any) -> None:
+    """Until a ``VSERPORT_CHANGE`` event says the guest opened the agent's port."""
+    async for event in events:
+        data = event.get("data", {})
+        if data.get("id") == AGENT_PORT_ID and data.get("open"):
+            return
+
+
 def hotplug_port(slot: int) -> str:
     """The QEMU id of hot-plug root port number ``slot``."""
     return f"hotplug{slot}"
@@ -265,10 +273,7 @@ class QemuVM(Hypervisor):
 
         async def port_opened() -> None:
             with self._qmp.listener("VSERPORT_CHANGE") as listener:
-                async for event in listener:
-                    data = event.get("data", {})
-                    if data.get("id") == AGENT_PORT_ID and data.get("open"):
-                        return
+                await _agent_port_opened(listener)
 
         opened = asyncio.create_task(port_opened())
         exited = asyncio.create_task(procs.wait_exit(self._proc))
@@ -304,8 +309,8 @@ class QemuVM(Hypervisor):
         while True:
             try:
                 status = (await self.qmp("query-status"))["status"]
-            except HypervisorError:
-                status = "gone" if self._proc.poll() is not None else "inmigrate"
+            except HypervisorError:  # QEMU going away: the check below says so
+                status = "inmigrate"
             if self._proc.poll() is not None:  # QEMU exits when the state does not fit the machine
                 raise self._boot_error("qemu exited while restoring a saved VM", exit_code=self._proc.returncode,
                                        path=str(state_file))  # fmt: skip
@@ -350,15 +355,8 @@ class QemuVM(Hypervisor):
         # The guest reopens its port once it saw the host go (chardev.py): wait for that open.
         with self._qmp.listener("VSERPORT_CHANGE") as events:
             await close()
-
-            async def reopened() -> None:
-                async for event in events:
-                    data = event.get("data", {})
-                    if data.get("id") == AGENT_PORT_ID and data.get("open"):
-                        return
-
             try:
-                await asyncio.wait_for(reopened(), 10.0)
+                await asyncio.wait_for(_agent_port_opened(events), 10.0)
             except TimeoutError:
                 raise HypervisorError("the guest agent did not reopen its port", sandbox=self.spec.sandbox_id) from None
 
